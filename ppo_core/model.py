@@ -1,0 +1,330 @@
+"""Loading a causal LM (optionally 4-bit / 8-bit) and wrapping it as a PPO policy: named LoRA adapters, one value
+head per adapter, and the reference policy as the same weights with the adapters disabled (never a second copy).
+
+The policy exposes the pieces of a forward pass separately (backbone -> hidden states; LM head -> logits only where
+they are needed; value head), so that callers never compute [B, T, V] logits they do not use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+# ------------------------------------------------------------------------------------------- device and dtype
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype_for(device: torch.device | str) -> torch.dtype:
+    """bf16 where the GPU supports it (A100, H100), fp16 on compute capability 7.x (V100, T4), fp32 otherwise."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    major, _ = torch.cuda.get_device_capability(device)
+    if major >= 8 and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if major == 7:
+        return torch.float16
+    return torch.float32
+
+
+QUANTIZE_CHOICES = ("4bit", "8bit", "none")
+
+
+def quantization_config(quantize: str, dtype: torch.dtype):
+    """A bitsandbytes config for '4bit' (NF4, compute in dtype) or '8bit'; None for 'none'."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize={quantize!r}: must be one of {', '.join(QUANTIZE_CHOICES)}")
+    if quantize == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_causal_lm(name_or_path: str, *, quantize: str = "none", device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None, attn_implementation: str | None = None,
+                   local_files_only: bool | None = None, **kwargs):
+    """Load any Hugging Face causal LM by id or folder, frozen and in eval mode.
+
+    Non-quantised weights are kept in the compute dtype (bf16/fp16 on GPU, fp32 on CPU).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or compute_dtype_for(device)
+    qconfig = quantization_config(quantize, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=dtype, quantization_config=qconfig,
+        device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"},
+        attn_implementation=attn_implementation, local_files_only=local_files_only, **kwargs)
+    prepare_frozen(model)
+    return model
+
+
+def prepare_frozen(model: nn.Module) -> nn.Module:
+    """Freeze every weight, switch dropout off, and keep bitsandbytes' CPU 4-bit layers on their autograd path.
+
+    bitsandbytes repacks a Linear4bit's weight for its AVX512-BF16 CPU kernel the first time it runs without grad
+    in eval mode; that kernel has no autograd, so a later forward *with* grad would silently cut the gradient that
+    flows through the frozen base weights into earlier LoRA layers. We switch the repacking off.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- value head
+class ValueHead(nn.Module):
+    """Dropout + Linear(hidden, 1) in fp32 on the final (normed) hidden state. [..., H] -> [...]."""
+
+    def __init__(self, hidden_size: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.summary = nn.Linear(hidden_size, 1, dtype=torch.float32)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(self.dropout(hidden.to(self.summary.weight.dtype))).squeeze(-1)
+
+
+# -------------------------------------------------------------------------------------------------- policy
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter settings; the paper's are r=64, alpha=32, dropout=0.05 on all linear layers."""
+    r: int = 64
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = "all-linear"
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoraSettings.r={self.r!r}: must be an integer >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoraSettings.dropout={self.dropout!r}: must be in [0, 1)")
+
+    def peft_config(self):
+        from peft import LoraConfig
+        target = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, bias="none",
+                          task_type="CAUSAL_LM", target_modules=target)
+
+
+class PolicyModel(nn.Module):
+    """A frozen causal LM with named LoRA adapters and one fp32 value head per adapter.
+
+    ``with policy.adapter(name):`` selects the learner; ``with policy.reference():`` disables every adapter (the
+    reference policy pi_ref). Dropout stays off: every method runs the modules in eval mode.
+    """
+
+    def __init__(self, lm: nn.Module, adapters: tuple[str, ...] = ("default",),
+                 lora: LoraSettings | None = LoraSettings(), value_head_dropout: float = 0.1,
+                 adapter_paths: dict[str, str] | None = None):
+        super().__init__()
+        from peft import PeftModel, get_peft_model
+
+        if not adapters or len(set(adapters)) != len(adapters):
+            raise ValueError(f"adapters={adapters!r}: need one or more distinct names")
+        prepare_frozen(lm)
+        adapter_paths = adapter_paths or {}
+        first = adapters[0]
+        if first in adapter_paths:
+            self.lm = PeftModel.from_pretrained(lm, adapter_paths[first], adapter_name=first, is_trainable=True)
+        else:
+            self.lm = get_peft_model(lm, lora.peft_config(), adapter_name=first)
+        for name in adapters[1:]:
+            if name in adapter_paths:
+                self.lm.load_adapter(adapter_paths[name], adapter_name=name, is_trainable=True)
+            else:
+                self.lm.add_adapter(name, lora.peft_config())
+        self.adapter_names = tuple(adapters)
+        base = self.lm.get_base_model()
+        self.config = base.config
+        hidden_size = self.config.get_text_config().hidden_size
+        self.value_heads = nn.ModuleDict({name: ValueHead(hidden_size, value_head_dropout) for name in adapters})
+        device = next(p.device for p in base.parameters())
+        self.value_heads.to(device)
+        for name, path in adapter_paths.items():
+            load_value_head(self.value_heads[name], path)
+        self._backbone = base.get_decoder()
+        self._lm_head = base.get_output_embeddings()
+        self._softcap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
+        self._active = first
+        self.lm.set_adapter(first)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for name in adapters:
+            for p in self.trainable_parameters(name):
+                p.requires_grad_(True)
+        self.eval()
+
+    # -- adapters -------------------------------------------------------------------------------------------
+    @property
+    def active_adapter(self) -> str:
+        return self._active
+
+    def set_adapter(self, name: str) -> None:
+        if name not in self.adapter_names:
+            raise ValueError(f"adapter {name!r}: must be one of {', '.join(self.adapter_names)}")
+        if name != self._active:
+            self.lm.set_adapter(name)
+            for p in self.trainable_parameters(name):
+                p.requires_grad_(True)
+            self._active = name
+
+    @contextlib.contextmanager
+    def adapter(self, name: str):
+        previous = self._active
+        self.set_adapter(name)
+        try:
+            yield self
+        finally:
+            self.set_adapter(previous)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The reference policy: the same base weights with every adapter disabled."""
+        with self.lm.disable_adapter():
+            yield self
+
+    def trainable_parameters(self, name: str) -> list[nn.Parameter]:
+        """LoRA weights of adapter `name` followed by its value head, in a fixed order."""
+        marker = f".{name}."
+        lora = [p for n, p in self.lm.named_parameters() if "lora_" in n and marker in n]
+        return lora + list(self.value_heads[name].parameters())
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+        return get_peft_model_state_dict(self.lm, adapter_name=name)
+
+    # -- forward pieces --------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._lm_head.weight.device
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, past_key_values=None,
+                      use_cache: bool = False):
+        """Final (normed) hidden states. input_ids [B, T] -> ([B, T, H], cache or None)."""
+        out = self._backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, use_cache=use_cache)
+        return out.last_hidden_state, (out.past_key_values if use_cache else None)
+
+    def logits(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """LM head (+ the model's final soft-capping) on the given hidden states only. [..., H] -> [..., V]."""
+        logits = self._lm_head(hidden)
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return logits / temperature if temperature != 1.0 else logits
+
+    def values(self, hidden: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
+        """Value of each state. hidden [..., H] -> [...] fp32."""
+        return self.value_heads[adapter or self._active](hidden)
+
+    def forward_responses(self, queries: list[torch.Tensor], responses: list[torch.Tensor], *,
+                          temperature: float = 1.0, with_values: bool = True, full_logprobs: bool = False,
+                          with_entropy: bool = False, max_tokens: int | None = None, pad_multiple: int = 1,
+                          pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+        """Log-probs (and values, entropies, full log-distributions) of each response token given its query and
+        the response tokens before it, in response space [B, R] (R = longest response; zero on padding).
+
+        Sequences are right-padded, so no attention mask is needed (causal attention never looks right).
+        Identical (query, response) pairs are computed once; chunks respect the token budget `max_tokens`.
+        The LM head and value head run only at the positions that emit response tokens.
+        Grad follows torch.is_grad_enabled().
+        Returns {"logprobs", "values" (with_values), "entropy" (with_entropy), "full" [B, R, V] (full_logprobs)}.
+        """
+        from .batching import pad_right, token_budget_chunks
+        from .functional import entropy_from_logits, log_softmax_fp32, logprobs_from_logits
+
+        pairs = sorted({(tuple(q.tolist()), tuple(r.tolist())) for q, r in zip(queries, responses)})
+        slot = {pair: j for j, pair in enumerate(pairs)}  # canonical order: same set -> same padded tensors
+        inverse = [slot[tuple(q.tolist()), tuple(r.tolist())] for q, r in zip(queries, responses)]
+        uniq = [q + r for q, r in pairs]
+        q_len, r_len = [len(q) for q, _ in pairs], [len(r) for _, r in pairs]
+        R = max(r_len)
+        parts: dict[int, dict[str, torch.Tensor]] = {}
+        for chunk in token_budget_chunks([len(k) for k in uniq], max_tokens, pad_multiple):
+            seqs = [torch.tensor(uniq[j], device=self.device) for j in chunk]
+            ids = pad_right(seqs, pad_token_id, pad_multiple)
+            hidden, _ = self.hidden_states(ids)
+            rows_q = torch.tensor([q_len[j] for j in chunk], device=self.device)
+            rows_r = torch.tensor([r_len[j] for j in chunk], device=self.device)
+            offsets = torch.arange(R, device=self.device)
+            rmask = offsets[None, :] < rows_r[:, None]
+            positions = torch.where(rmask, rows_q[:, None] - 1 + offsets[None, :], rows_q[:, None] - 1)
+            targets = torch.gather(ids, 1, torch.where(rmask, positions + 1, positions))
+            h = torch.gather(hidden, 1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+            logits = self.logits(h, temperature)
+            out = {"logprobs": logprobs_from_logits(logits, targets) * rmask}
+            if with_values:
+                out["values"] = self.values(h) * rmask
+            if with_entropy:
+                out["entropy"] = entropy_from_logits(logits) * rmask
+            if full_logprobs:
+                out["full"] = log_softmax_fp32(logits)
+            for row, j in enumerate(chunk):
+                parts[j] = {k: v[row] for k, v in out.items()}
+        index = torch.tensor(inverse, device=self.device)
+        return {k: torch.stack([parts[j][k] for j in range(len(uniq))])[index] for k in parts[0]}
+
+    @torch.no_grad()
+    def check_head(self, input_ids: torch.Tensor) -> float:
+        """Max |difference| between our hidden->logits path and the model's own forward (fp32); a guard for
+        architectures whose LM head does more than a projection and soft-capping."""
+        ours = self.logits(self.hidden_states(input_ids)[0]).float()
+        theirs = self.lm(input_ids=input_ids).logits.float()
+        return float((ours - theirs).abs().max())
+
+
+# -------------------------------------------------------------------------------------------- save / load
+def save_adapter(policy: PolicyModel, name: str, folder: str) -> None:
+    """Write adapter `name` in peft's layout (adapter_config.json + adapter_model.safetensors) plus its value head
+    into `folder` (flat), so that ``PeftModel.from_pretrained(base, folder)`` loads it."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    config = policy.lm.peft_config[name]
+    config.save_pretrained(folder)
+    state = {k: v.detach().contiguous().cpu() for k, v in policy.adapter_state_dict(name).items()}
+    save_file(state, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    head = {k: v.detach().contiguous().cpu() for k, v in policy.value_heads[name].state_dict().items()}
+    save_file(head, os.path.join(folder, VALUE_HEAD_FILE), metadata={"format": "pt"})
+
+
+def load_value_head(head: ValueHead, folder: str) -> None:
+    from safetensors.torch import load_file
+    path = os.path.join(folder, VALUE_HEAD_FILE)
+    if os.path.exists(path):
+        state = load_file(path, device=str(head.summary.weight.device))
+        head.load_state_dict(state)
+
+
+def load_adapter_weights(policy: PolicyModel, name: str, folder: str) -> None:
+    """Load adapter weights and value head saved by save_adapter into an existing adapter (exact, in place)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        saved = json.load(f)
+    ours = policy.lm.peft_config[name]
+    if saved.get("r") != ours.r:
+        raise ValueError(f"adapter in {folder} has LoRA rank {saved.get('r')}, this model uses {ours.r}")
+    state = load_file(os.path.join(folder, "adapter_model.safetensors"), device=str(policy.device))
+    result = set_peft_model_state_dict(policy.lm, state, adapter_name=name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"adapter in {folder} does not fit this model: unexpected keys {unexpected[:3]}")
+    load_value_head(policy.value_heads[name], folder)

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random causal LMs built from a config (milliseconds per PPO step)."""
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_llama_config(vocab_size: int = 64, layers: int = 2):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 64, layers: int = 2):
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config(vocab_size, layers)).eval()
+
+
+def tiny_policy(seed: int = 0, adapters=("agent",), r: int = 8, lora_dropout: float = 0.0,
+                value_head_dropout: float = 0.1, vocab_size: int = 64):
+    from ppo_core import LoraSettings, PolicyModel
+    lm = tiny_llama(seed, vocab_size)
+    torch.manual_seed(seed + 1)
+    return PolicyModel(lm, adapters=adapters, lora=LoraSettings(r=r, alpha=2 * r, dropout=lora_dropout),
+                       value_head_dropout=value_head_dropout)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny Llama saved to disk (for loading paths and 4-bit quantisation)."""
+    path = tmp_path / "tiny-llama"
+    tiny_llama(seed=0).save_pretrained(path)
+    return str(path)
+
+
+def random_queries(n: int, seed: int = 0, vocab_size: int = 64, min_len: int = 3, max_len: int = 9):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=g).tolist()
+    return [torch.randint(3, vocab_size, (L,), generator=g) for L in lengths]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_progress_bars(monkeypatch):
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,49 @@
+"""PPOConfig: TRL defaults, validation at construction, no mutation after it."""
+
+import dataclasses
+
+import pytest
+
+from ppo_core import PPOConfig
+
+
+def test_trl_defaults():
+    c = PPOConfig()
+    assert (c.learning_rate, c.ppo_epochs, c.gamma, c.lam, c.cliprange, c.cliprange_value, c.vf_coef) == \
+        (1.41e-5, 4, 1.0, 0.95, 0.2, 0.2, 0.1)
+    assert (c.init_kl_coef, c.adap_kl_ctrl, c.target, c.horizon, c.kl_penalty) == (0.2, True, 6.0, 10000.0, "kl")
+    assert (c.batch_size, c.mini_batch_size, c.gradient_accumulation_steps) == (128, 128, 1)
+    assert (c.ratio_threshold, c.target_kl, c.max_grad_norm, c.score_clip) == (10.0, 1.0, None, None)
+
+
+@pytest.mark.parametrize("changes, field, rule", [
+    ({"batch_size": 0}, "batch_size", ">= 1"),
+    ({"batch_size": 5, "mini_batch_size": 2}, "batch_size", "divisible"),
+    ({"batch_size": 8, "mini_batch_size": 2, "gradient_accumulation_steps": 3}, "batch_size", "divisible"),
+    ({"learning_rate": -1.0}, "learning_rate", "> 0"),
+    ({"learning_rate": float("nan")}, "learning_rate", "finite"),
+    ({"gamma": 1.5}, "gamma", "[0, 1]"),
+    ({"lam": -0.1}, "lam", "[0, 1]"),
+    ({"kl_penalty": "k4"}, "kl_penalty", "one of"),
+    ({"use_score_norm": True}, "use_score_norm", "use_score_scaling"),
+    ({"score_clip": 0.0}, "score_clip", "> 0"),
+    ({"max_grad_norm": -1}, "max_grad_norm", "> 0"),
+    ({"ppo_epochs": 2.0}, "ppo_epochs", "integer"),
+    ({"micro_batch_tokens": 0}, "micro_batch_tokens", ">= 1"),
+    ({"temperature": 0}, "temperature", "> 0"),
+    ({"early_stopping": "yes"}, "early_stopping", "True or False"),
+])
+def test_invalid_values_name_field_and_rule(changes, field, rule):
+    with pytest.raises(ValueError) as err:
+        PPOConfig(**changes)
+    assert f"PPOConfig.{field}=" in str(err.value) and rule in str(err.value)
+
+
+def test_frozen_and_replace_revalidates():
+    c = PPOConfig(batch_size=8, mini_batch_size=8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.gradient_accumulation_steps = 4  # the paper's bypass of TRL's check is impossible here
+    with pytest.raises(ValueError, match="divisible"):
+        c.replace(gradient_accumulation_steps=3)
+    d = c.replace(mini_batch_size=2, gradient_accumulation_steps=2)
+    assert d.backward_batch_size == 4 and d.optimizer_steps_per_batch == 4 * 8 // 4

@@ -1,0 +1,118 @@
+"""Model loading, 4-bit correctness, adapter save/load, and the LM-head path for other architectures."""
+
+import pytest
+import torch
+
+from conftest import tiny_policy
+from ppo_core import LoraSettings, PolicyModel, compute_dtype_for, load_causal_lm, save_adapter
+
+
+def _dequantised_twin(m4):
+    """An fp32 LlamaForCausalLM whose linear weights are the 4-bit model's weights, dequantised."""
+    import bitsandbytes as bnb
+    from transformers import LlamaForCausalLM
+    twin = LlamaForCausalLM(m4.config).eval()
+    state = {k: v for k, v in m4.state_dict().items() if k in twin.state_dict()}
+    for name, module in m4.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state[name + ".weight"] = bnb.functional.dequantize_4bit(module.weight.data,
+                                                                      module.weight.quant_state).float()
+    twin.load_state_dict(state)
+    return twin
+
+
+def _lora_grads(policy, x):
+    h, _ = policy.hidden_states(x)
+    loss = policy.logits(h[:, -2:]).logsumexp(-1).sum() + policy.values(h).sum()
+    loss.backward()
+    return [p.grad.clone() for p in policy.trainable_parameters("agent")]
+
+
+def _policy_with_nonzero_lora(lm):
+    torch.manual_seed(5)
+    policy = PolicyModel(lm, adapters=("agent",), lora=LoraSettings(r=4, alpha=8))
+    torch.manual_seed(6)
+    with torch.no_grad():
+        for name, p in policy.lm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    return policy
+
+
+def test_4bit_lora_gradients_match_dequantised_fp32(tiny_model_dir):
+    """A LoRA step on a bitsandbytes NF4 model on CPU gives the gradients of the same model with the dequantised
+    weights in fp32 (relative L2 error < 1e-5), also after a no-grad forward (which is when bitsandbytes would
+    repack its weights for a CPU kernel without autograd)."""
+    m4 = load_causal_lm(tiny_model_dir, quantize="4bit", device="cpu")
+    twin = _dequantised_twin(m4)
+    p4, p32 = _policy_with_nonzero_lora(m4), _policy_with_nonzero_lora(twin)
+    x = torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p4.hidden_states(x)
+    for g4, g32 in zip(_lora_grads(p4, x), _lora_grads(p32, x)):
+        assert (g4 - g32).norm() <= 1e-5 * g32.norm() + 1e-12
+
+
+def test_bitsandbytes_default_cpu_path_would_be_silently_wrong(tiny_model_dir):
+    """Control for the test above: with bitsandbytes' own setting on an AVX512-BF16 CPU, the same check fails by a
+    wide margin, so the comparison above can detect the problem it guards against."""
+    from bitsandbytes.backends.cpu.ops import has_avx512bf16
+    m4 = load_causal_lm(tiny_model_dir, quantize="4bit", device="cpu")
+    twin = _dequantised_twin(m4)
+    p4, p32 = _policy_with_nonzero_lora(m4), _policy_with_nonzero_lora(twin)
+    for module in p4.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = has_avx512bf16()
+    x = torch.randint(3, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p4.hidden_states(x)
+    errors = [float((g4 - g32).norm() / g32.norm()) for g4, g32 in zip(_lora_grads(p4, x), _lora_grads(p32, x))]
+    if has_avx512bf16():
+        assert max(errors) > 0.1
+    else:  # no repacking on this CPU: the default path is the autograd path
+        assert max(errors) < 1e-5
+
+
+def test_saved_adapter_loads_with_peft_and_gives_the_same_outputs(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    policy = tiny_policy(0)
+    with torch.no_grad():
+        for p in policy.trainable_parameters("agent"):
+            p.add_(0.05 * torch.randn_like(p))
+    save_adapter(policy, "agent", str(tmp_path / "agent"))
+    assert (tmp_path / "agent" / "adapter_config.json").exists()
+    assert (tmp_path / "agent" / "value_head.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "agent")).eval()
+    x = torch.randint(3, 64, (2, 6))
+    with torch.no_grad():
+        ours = policy.logits(policy.hidden_states(x)[0])
+        theirs = loaded(input_ids=x).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    # and it reloads into a PolicyModel, value head included
+    again = PolicyModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapters=("agent",),
+                        adapter_paths={"agent": str(tmp_path / "agent")})
+    h = policy.hidden_states(x)[0]
+    assert torch.allclose(again.values(again.hidden_states(x)[0]), policy.values(h), atol=1e-5)
+
+
+def test_gemma2_softcapping_head_matches_the_model():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, final_logit_softcapping=3.0,
+                       attn_logit_softcapping=50.0, attn_implementation="eager")
+    policy = PolicyModel(Gemma2ForCausalLM(cfg), adapters=("agent",), lora=LoraSettings(r=4, alpha=8))
+    x = torch.randint(0, 96, (2, 7))
+    assert policy.check_head(x) < 1e-5
+    logits = policy.logits(policy.hidden_states(x)[0])
+    assert logits.abs().max() <= 3.0  # soft-capped
+
+
+def test_device_dtype_rules():
+    assert compute_dtype_for("cpu") == torch.float32
+    with pytest.raises(ValueError, match="quantize='2bit'"):
+        load_causal_lm("unused", quantize="2bit")
+    with pytest.raises(ValueError, match="adapter 'nope'"):
+        tiny_policy(0).set_adapter("nope")

@@ -1,0 +1,255 @@
+"""PPOTrainer on tiny random models: exactness of the shortcuts, gradient accumulation, skipping, back-off."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import random_queries, tiny_llama, tiny_policy
+from ppo_core import PPOConfig, PPOTrainer
+from ppo_core.generation import sample
+
+
+def make(config: PPOConfig, seed: int = 0, **policy_kwargs):
+    policy = tiny_policy(seed, **policy_kwargs)
+    return policy, PPOTrainer(config, policy, "agent")
+
+
+def lora_params(policy, name="agent"):
+    return [p.detach().clone() for p in policy.trainable_parameters(name)]
+
+
+def fixed_batch(n=8, seed=0, response_len=2):
+    queries = random_queries(n, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    responses = [torch.randint(3, 64, (response_len,), generator=g) for _ in range(n)]
+    scores = torch.randn(n, generator=g).tolist()
+    return queries, responses, scores
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """k=4 micro-batches of 2 make the same gradient as one micro-batch of 8 (fp32: rtol 1e-5, atol 1e-7; only
+    the summation order differs) and the same Adam update to 1e-6 = 0.1% of the learning rate (Adam's first step
+    divides by |g| + 1e-8, which magnifies rounding in gradients of size ~1e-8)."""
+    base = dict(batch_size=8, ppo_epochs=1, learning_rate=1e-3, fuse_rollout=False)
+    _, big = make(PPOConfig(mini_batch_size=8, **base))
+    _, acc = make(PPOConfig(mini_batch_size=2, gradient_accumulation_steps=4, **base))
+    queries, responses, scores = fixed_batch()
+    st_big = big.step(queries, responses, scores)
+    st_acc = acc.step(queries, responses, scores)
+    assert st_big["ppo/optimizer_steps"] == st_acc["ppo/optimizer_steps"] == 1
+    for pb, pa in zip(big.params, acc.params):
+        assert torch.allclose(pb.grad, pa.grad, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(pb, pa, rtol=0, atol=1e-6)
+    assert st_big["ppo/loss/total"] == pytest.approx(st_acc["ppo/loss/total"], rel=1e-5, abs=1e-7)
+
+
+def test_first_epoch_ratio_is_exactly_one_with_dropout_modules_present():
+    """Dropout p=0.5 in LoRA and the value head must not be active: the first update sees ratio == 1 exactly."""
+    cfg = PPOConfig(batch_size=8, mini_batch_size=8, ppo_epochs=1, learning_rate=1e-3)
+    for fuse in (True, False):
+        _, trainer = make(cfg.replace(fuse_rollout=fuse), lora_dropout=0.5, value_head_dropout=0.5)
+        queries = random_queries(8)
+        rollout = trainer.generate(queries, max_new_tokens=2)
+        st = trainer.step(queries, rollout.responses, torch.randn(8).tolist())
+        assert st["ppo/fused_rollout"] == float(fuse)
+        assert st["ppo/policy/ratio"] == 1.0 and st["ppo/policy/clipfrac"] == 0.0
+        assert st["ppo/policy/approxkl"] == 0.0 and st["ppo/val/clipfrac"] == 0.0
+
+
+def test_fused_rollout_gives_the_same_update_as_recomputing():
+    """The sampling pass reused as the loss forward equals a separate forward (KV-cached, left-padded vs full,
+    right-padded: fp32 rounding only; rtol 1e-4, atol 1e-6 on gradients)."""
+    cfg = PPOConfig(batch_size=6, mini_batch_size=6, ppo_epochs=1, learning_rate=1e-3)
+    _, fused = make(cfg)
+    _, plain = make(cfg.replace(fuse_rollout=False))
+    queries = random_queries(6, seed=3)
+    rollout = fused.generate(queries, max_new_tokens=3)
+    scores = torch.randn(6).tolist()
+    st_f = fused.step(queries, rollout.responses, scores)
+    st_p = plain.step(queries, rollout.responses, scores)
+    assert st_f["ppo/fused_rollout"] == 1.0 and st_p["ppo/fused_rollout"] == 0.0
+    for pf, pp in zip(fused.params, plain.params):
+        assert torch.allclose(pf.grad, pp.grad, rtol=1e-4, atol=1e-6)
+    for key in ("ppo/loss/policy", "ppo/loss/value", "objective/kl"):
+        assert st_f[key] == pytest.approx(st_p[key], rel=1e-4, abs=1e-6)
+
+
+def test_reference_is_the_base_model_and_policy_moves_away():
+    base_copy = tiny_llama(seed=0)
+    policy, trainer = make(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-2))
+    queries, responses, scores = fixed_batch(4, response_len=2)
+
+    def base_logprobs():  # independent float64 reference from the untouched copy's own forward
+        out = []
+        for q, r in zip(queries, responses):
+            seq = torch.cat([q, r])[None]
+            logits = base_copy(input_ids=seq).logits[0].double()
+            lp = torch.log_softmax(logits, -1)[len(q) - 1:-1].gather(-1, r[:, None]).squeeze(-1)
+            out.append(lp)
+        return torch.stack(out)
+
+    expected = base_logprobs()
+    ref_before, _ = trainer.reference_logprobs(queries, responses, 2)
+    with torch.no_grad():
+        pol_before = policy.forward_responses(queries, responses)["logprobs"]
+    assert torch.allclose(ref_before.double(), expected, atol=1e-5)
+    assert torch.allclose(pol_before.double(), expected, atol=1e-5)  # LoRA B = 0 at init
+    trainer.step(queries, responses, scores)
+    trainer.reference_cache.entries.clear()  # recompute, do not read the cache
+    ref_after, _ = trainer.reference_logprobs(queries, responses, 2)
+    with torch.no_grad():
+        pol_after = policy.forward_responses(queries, responses)["logprobs"]
+    assert torch.allclose(ref_after.double(), expected, atol=1e-5)
+    assert (pol_after.double() - expected).abs().max() > 1e-3
+
+
+def test_left_padding_changes_no_log_probs():
+    policy = tiny_policy(0)
+    with torch.no_grad():  # make the adapter non-trivial
+        for p in policy.trainable_parameters("agent"):
+            p.add_(0.05 * torch.randn_like(p))
+    queries = random_queries(5, seed=7, min_len=2, max_len=11)
+    batched = sample(policy, queries, max_new_tokens=3, top_k=1)  # greedy: deterministic tokens
+    for i, q in enumerate(queries):
+        single = sample(policy, [q], max_new_tokens=3, top_k=1)
+        assert torch.equal(single.responses[0], batched.responses[i])
+        assert torch.allclose(single.logprobs[0], batched.logprobs[i], atol=1e-5)
+    with torch.no_grad():
+        full = policy.forward_responses(queries, batched.responses)
+    assert torch.allclose(full["logprobs"], batched.logprobs, atol=1e-5)  # KV-cached decode == full pass
+
+
+def test_stop_at_eos_and_fixed_length_modes():
+    policy = tiny_policy(0)
+    with torch.no_grad():  # make token 2 (EOS) the most likely next token everywhere
+        policy._lm_head.weight[2] += 5.0 * policy._backbone.norm.weight.sign()
+    queries = random_queries(4, seed=1)
+    fixed = sample(policy, queries, max_new_tokens=4, top_k=1, eos_token_id=2)
+    assert all(len(r) == 4 for r in fixed.responses)
+    stopped = sample(policy, queries, max_new_tokens=4, top_k=1, eos_token_id=2, stop_at_eos=True)
+    assert all(len(r) == 1 and r[-1].item() == 2 for r in stopped.responses)
+    assert stopped.mask.shape == (4, 1)
+
+
+def test_top_k_and_temperature_are_consistent():
+    policy = tiny_policy(0)
+    queries = random_queries(3, seed=2)
+    g = torch.Generator().manual_seed(0)
+    hot = sample(policy, queries, max_new_tokens=2, temperature=0.7, top_k=5, generator=g)
+    with torch.no_grad():
+        full = policy.forward_responses(queries, hot.responses, temperature=0.7)
+    assert torch.allclose(full["logprobs"], hot.logprobs, atol=1e-5)
+
+
+def test_ratio_threshold_really_skips_the_step():
+    cfg = PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-2, ratio_threshold=1e-3,
+                    fuse_rollout=False)
+    policy, trainer = make(cfg)
+    before = lora_params(policy)
+    st = trainer.step(*fixed_batch(4))
+    assert st["ppo/skipped_steps"] == 4 and st["ppo/optimizer_steps"] == 4
+    assert all(torch.equal(a, b) for a, b in zip(before, lora_params(policy)))
+    assert len(trainer.optimizer.state) == 0  # Adam never stepped: no moments were created
+
+
+def test_nonfinite_gradient_skips_update_and_counts():
+    policy, trainer = make(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-2))
+    before = lora_params(policy)
+    handle = trainer.params[0].register_hook(lambda g: g * float("nan"))
+    st = trainer.step(*fixed_batch(4))
+    handle.remove()
+    assert st["ppo/nonfinite_steps"] == 1 and st["ppo/skipped_steps"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, lora_params(policy)))
+    trainer.step(*fixed_batch(4, seed=1))
+    assert not all(torch.equal(a, b) for a, b in zip(before, lora_params(policy)))
+
+
+def test_out_of_memory_halves_the_chunk_and_redoes_the_step():
+    cfg = PPOConfig(batch_size=8, mini_batch_size=8, ppo_epochs=1, learning_rate=1e-3, fuse_rollout=False)
+    _, reference = make(cfg)
+    policy, trainer = make(cfg)
+    original = policy.forward_responses
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if torch.is_grad_enabled() and calls.get("failed") is None:
+            calls["failed"] = True
+            raise torch.OutOfMemoryError("simulated")
+        return original(*args, **kwargs)
+
+    policy.forward_responses = flaky
+    batch = fixed_batch(8)
+    st = trainer.step(*batch)
+    reference.step(*batch)
+    assert st["ppo/oom_backoffs"] == 1 and trainer.chunk_tokens is not None
+    for pa, pb in zip(trainer.params, reference.params):  # same data, same gradient (chunking is exact)
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_two_adapters_share_one_base_and_learn_separately():
+    policy = tiny_policy(0, adapters=("agent", "opponent"))
+    cfg = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-2)
+    t_agent, t_opp = PPOTrainer(cfg, policy, "agent"), PPOTrainer(cfg.replace(seed=1), policy, "opponent")
+    agent0, opp0 = lora_params(policy, "agent"), lora_params(policy, "opponent")
+    queries = random_queries(4)
+    ro = t_agent.generate(queries, max_new_tokens=2)
+    t_agent.step(queries, ro.responses, [1.0, 0.0, 0.5, -1.0])
+    assert not all(torch.equal(a, b) for a, b in zip(agent0, lora_params(policy, "agent")))
+    assert all(torch.equal(a, b) for a, b in zip(opp0, lora_params(policy, "opponent")))
+    ro = t_opp.generate(queries, max_new_tokens=2)
+    agent1 = lora_params(policy, "agent")
+    t_opp.step(queries, ro.responses, [0.0, 1.0, -0.5, 1.0])
+    assert all(torch.equal(a, b) for a, b in zip(agent1, lora_params(policy, "agent")))
+    assert not all(torch.equal(a, b) for a, b in zip(opp0, lora_params(policy, "opponent")))
+    assert set(policy.value_heads) == {"agent", "opponent"}
+    n_base = sum(p.numel() for n, p in policy.lm.named_parameters() if "lora_" not in n)
+    assert n_base == sum(p.numel() for p in tiny_llama(0).parameters())  # one copy of the base
+
+
+def test_early_stopping_on_target_kl():
+    """TRL's rule: after an epoch, stop if the last minibatch's policy KL (k1, measured in its forward pass)
+    exceeds 1.5 x target_kl. Epoch 1 measures 0 (nothing changed yet); with this batch epoch 2 measures ~0.17."""
+    cfg = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=4, learning_rate=5e-2, early_stopping=True,
+                    target_kl=1e-3, fuse_rollout=False)
+    _, trainer = make(cfg)
+    st = trainer.step(*fixed_batch(4, seed=3))
+    assert st["ppo/early_stopped"] == 1.0 and st["ppo/optimizer_steps"] == 2
+    _, patient = make(cfg.replace(target_kl=100.0))
+    st = patient.step(*fixed_batch(4, seed=3))
+    assert st["ppo/early_stopped"] == 0.0 and st["ppo/optimizer_steps"] == 4
+
+
+def test_reference_cache_is_exact_and_hits():
+    cfg = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1)
+    _, cached = make(cfg)
+    _, uncached = make(cfg.replace(reference_cache_mb=0))
+    queries, responses, _ = fixed_batch(4)
+    a, _ = cached.reference_logprobs(queries, responses, 2)
+    b, _ = cached.reference_logprobs(queries, responses, 2)
+    c, _ = uncached.reference_logprobs(queries, responses, 2)
+    assert torch.equal(a, b) and torch.allclose(a, c, atol=1e-6)
+    assert cached.reference_cache.hits == 4 and cached.reference_cache.misses == 4
+
+
+def test_full_kl_penalty_runs_and_is_nonnegative():
+    _, trainer = make(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, kl_penalty="full",
+                                learning_rate=1e-2))
+    for seed in range(3):
+        st = trainer.step(*fixed_batch(4, seed=seed))
+    assert st["objective/kl"] >= 0 and st["ppo/fused_rollout"] == 0.0
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda q, r, s: (q[:-1], r, s), "same length"),
+    (lambda q, r, s: (q, r[:-1] + [torch.tensor([], dtype=torch.long)], s), "response 3 is empty"),
+    (lambda q, r, s: (q, r, s[:-1] + [float("nan")]), "finite"),
+    (lambda q, r, s: (q, r, s[:-1] + [float("inf")]), "finite"),
+    (lambda q, r, s: (q, [x.float() for x in r], s), "integer tensor"),
+    (lambda q, r, s: (q[:2], r[:2], s[:2]), "batch_size"),
+])
+def test_bad_inputs_raise_value_error(mutate, message):
+    _, trainer = make(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1))
+    with pytest.raises(ValueError, match=message):
+        trainer.step(*mutate(*fixed_batch(4)))
