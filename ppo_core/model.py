@@ -24,7 +24,8 @@ def default_device() -> torch.device:
 
 
 def compute_dtype_for(device: torch.device | str) -> torch.dtype:
-    """bf16 where the GPU supports it (A100, H100), fp16 on compute capability 7.x (V100, T4), fp32 otherwise."""
+    """bf16 where the GPU supports it (A100, H100), fp16 on compute capability 7.x (V100, T4), fp32 otherwise
+    (on CPU too; see cpu_has_native_bf16 for CPUs where bf16 is much faster)."""
     device = torch.device(device)
     if device.type != "cuda":
         return torch.float32
@@ -34,6 +35,15 @@ def compute_dtype_for(device: torch.device | str) -> torch.dtype:
     if major == 7:
         return torch.float16
     return torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AVX512-BF16 or AMX), where oneDNN runs bf16 matmuls several
+    times faster than fp32."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
 
 
 QUANTIZE_CHOICES = ("4bit", "8bit", "none")
@@ -97,7 +107,8 @@ class ValueHead(nn.Module):
         self.summary = nn.Linear(hidden_size, 1, dtype=torch.float32)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.summary(self.dropout(hidden.to(self.summary.weight.dtype))).squeeze(-1)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.summary(self.dropout(hidden.to(self.summary.weight.dtype))).squeeze(-1)
 
 
 # -------------------------------------------------------------------------------------------------- policy
@@ -131,7 +142,7 @@ class PolicyModel(nn.Module):
 
     def __init__(self, lm: nn.Module, adapters: tuple[str, ...] = ("default",),
                  lora: LoraSettings | None = LoraSettings(), value_head_dropout: float = 0.1,
-                 adapter_paths: dict[str, str] | None = None):
+                 adapter_paths: dict[str, str] | None = None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         from peft import PeftModel, get_peft_model
 
@@ -150,6 +161,7 @@ class PolicyModel(nn.Module):
             else:
                 self.lm.add_adapter(name, lora.peft_config())
         self.adapter_names = tuple(adapters)
+        self._trainable: dict[str, list[nn.Parameter]] = {}
         base = self.lm.get_base_model()
         self.config = base.config
         hidden_size = self.config.get_text_config().hidden_size
@@ -163,6 +175,10 @@ class PolicyModel(nn.Module):
         self._softcap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
         self._active = first
         self.lm.set_adapter(first)
+        # bf16/fp16 compute: run the LM (LoRA branches included; their fp32 master weights are cast per op) under
+        # autocast. The value head stays fp32.
+        self.compute_dtype = compute_dtype or torch.float32
+        self._autocast = self.compute_dtype in (torch.bfloat16, torch.float16)
         for p in self.parameters():
             p.requires_grad_(False)
         for name in adapters:
@@ -180,8 +196,9 @@ class PolicyModel(nn.Module):
             raise ValueError(f"adapter {name!r}: must be one of {', '.join(self.adapter_names)}")
         if name != self._active:
             self.lm.set_adapter(name)
-            for p in self.trainable_parameters(name):
-                p.requires_grad_(True)
+            for other in self.adapter_names:  # peft freezes inactive adapters; graphs built earlier need them live
+                for p in self.trainable_parameters(other):
+                    p.requires_grad_(True)
             self._active = name
 
     @contextlib.contextmanager
@@ -201,9 +218,11 @@ class PolicyModel(nn.Module):
 
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         """LoRA weights of adapter `name` followed by its value head, in a fixed order."""
-        marker = f".{name}."
-        lora = [p for n, p in self.lm.named_parameters() if "lora_" in n and marker in n]
-        return lora + list(self.value_heads[name].parameters())
+        if name not in self._trainable:
+            marker = f".{name}."
+            lora = [p for n, p in self.lm.named_parameters() if "lora_" in n and marker in n]
+            self._trainable[name] = lora + list(self.value_heads[name].parameters())
+        return self._trainable[name]
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
@@ -218,13 +237,20 @@ class PolicyModel(nn.Module):
                       position_ids: torch.Tensor | None = None, past_key_values=None,
                       use_cache: bool = False):
         """Final (normed) hidden states. input_ids [B, T] -> ([B, T, H], cache or None)."""
-        out = self._backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, use_cache=use_cache)
+        with self._compute_context():
+            out = self._backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 past_key_values=past_key_values, use_cache=use_cache)
         return out.last_hidden_state, (out.past_key_values if use_cache else None)
+
+    def _compute_context(self):
+        if not self._autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def logits(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """LM head (+ the model's final soft-capping) on the given hidden states only. [..., H] -> [..., V]."""
-        logits = self._lm_head(hidden)
+        with self._compute_context():
+            logits = self._lm_head(hidden)
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits / temperature if temperature != 1.0 else logits

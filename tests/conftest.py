@@ -8,23 +8,25 @@ import torch
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def tiny_llama_config(vocab_size: int = 64, layers: int = 2):
+def tiny_llama_config(vocab_size: int = 64, layers: int = 2, initializer_range: float = 0.02):
     from transformers import LlamaConfig
     return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=initializer_range)
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 64, layers: int = 2):
+def tiny_llama(seed: int = 0, vocab_size: int = 64, layers: int = 2, initializer_range: float = 0.02):
     from transformers import LlamaForCausalLM
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config(vocab_size, layers)).eval()
+    return LlamaForCausalLM(tiny_llama_config(vocab_size, layers, initializer_range)).eval()
 
 
 def tiny_policy(seed: int = 0, adapters=("agent",), r: int = 8, lora_dropout: float = 0.0,
-                value_head_dropout: float = 0.1, vocab_size: int = 64):
+                value_head_dropout: float = 0.1, vocab_size: int = 64, initializer_range: float = 0.02):
+    """A tiny Llama with LoRA adapters. initializer_range=0.02 (HF default) gives nearly uniform next-token
+    distributions whose logits cannot move far (RMSNorm bounds the hidden state); 0.2 gives a head that can."""
     from ppo_core import LoraSettings, PolicyModel
-    lm = tiny_llama(seed, vocab_size)
+    lm = tiny_llama(seed, vocab_size, initializer_range=initializer_range)
     torch.manual_seed(seed + 1)
     return PolicyModel(lm, adapters=adapters, lora=LoraSettings(r=r, alpha=2 * r, dropout=lora_dropout),
                        value_head_dropout=value_head_dropout)
@@ -49,3 +51,35 @@ def _quiet_progress_bars(monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(tmp_path_factory):
+    """SmolLM2's tokenizer and chat template (read from the embedded GGUF file; no model weights)."""
+    from transformers import AutoTokenizer
+    from moral.embedded import cache_dir, gguf_path
+    folder = tmp_path_factory.mktemp("tokenizer")
+    converted = cache_dir()
+    if os.path.isfile(os.path.join(converted, "tokenizer.json")):
+        tokenizer = AutoTokenizer.from_pretrained(converted)
+    else:
+        path = gguf_path()
+        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory, chat_tokenizer_dir):
+    """A 2-layer random Llama with SmolLM2's vocabulary and tokenizer: a complete --model folder for run.py."""
+    import shutil
+    from transformers import LlamaConfig, LlamaForCausalLM
+    folder = tmp_path_factory.mktemp("tiny-chat-model")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in os.listdir(chat_tokenizer_dir):
+        shutil.copy(os.path.join(chat_tokenizer_dir, name), folder)
+    return str(folder)

@@ -1,0 +1,106 @@
+"""An LLM player: prompt text -> chat-template tokens -> sampled answer -> parsed action.
+
+The `Codec` turns prompt texts into query token ids with the model's own chat template (keeping a template's default
+system prompt, e.g. SmolLM2's "You are a helpful AI assistant named SmolLM...") and, when an answer prefix is used,
+appends the tokens that both action strings start with, so that only the distinguishing tokens are sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from games import ActionTokens, chat_messages, parse_answer
+
+FORMAT_AIDS = ("none", "prefix")
+
+
+@dataclass(frozen=True)
+class AnswerPlan:
+    """How answers are tokenised at the answer position."""
+    action_ids: tuple[tuple[int, ...], tuple[int, ...]]
+    """Token ids of the C and D strings right after the generation prompt."""
+    prefix_ids: tuple[int, ...]
+    """Ids appended to every query (the shared first tokens of both actions; empty without a prefix)."""
+    gen_len: int
+    """Tokens to sample: the longer action's length minus the prefix."""
+
+
+def plan_answers(tokenizer, tokens: ActionTokens, format_aid: str = "none") -> AnswerPlan:
+    """Tokenise both action strings at the answer position and decide the prefix and generation length.
+
+    format_aid='none' is the paper's protocol (sample the whole action string); 'prefix' starts the assistant's answer
+    with the longest token prefix the two actions share (for SmolLM2, 'action'), leaving only the digit to sample.
+    """
+    if format_aid not in FORMAT_AIDS:
+        raise ValueError(f"format aid {format_aid!r}: choose one of {', '.join(FORMAT_AIDS)}")
+    head = render_chat(tokenizer, "x")
+    head_ids = encode(tokenizer, head)
+    action_ids = []
+    for text in (tokens.c, tokens.d):
+        full = encode(tokenizer, head + text)
+        if full[:len(head_ids)] != head_ids:
+            raise ValueError(f"the tokenizer merges the action {text!r} with the end of the chat template")
+        action_ids.append(tuple(full[len(head_ids):]))
+    shared = 0
+    if format_aid == "prefix":
+        while (shared < min(map(len, action_ids)) - 1 and action_ids[0][shared] == action_ids[1][shared]):
+            shared += 1
+    prefix = action_ids[0][:shared]
+    return AnswerPlan(tuple(action_ids), prefix, max(map(len, action_ids)) - shared)
+
+
+def render_chat(tokenizer, prompt: str) -> str:
+    """The prompt as one user turn in the model's chat template, ready for the assistant's answer."""
+    return tokenizer.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class Codec:
+    """Prompt texts <-> token ids for one token set (queries are cached: the same prompts recur all the time)."""
+
+    def __init__(self, tokenizer, tokens: ActionTokens, format_aid: str = "none", lenient: bool = False):
+        self.tokenizer, self.tokens, self.lenient = tokenizer, tokens, lenient
+        self.plan = plan_answers(tokenizer, tokens, format_aid)
+        self._queries: dict[str, torch.Tensor] = {}
+
+    @property
+    def answer_prefix(self) -> str:
+        return self.tokenizer.decode(list(self.plan.prefix_ids))
+
+    def query(self, prompt: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        ids = self._queries.get(prompt)
+        if ids is None:
+            ids = torch.tensor(encode(self.tokenizer, render_chat(self.tokenizer, prompt)) + list(self.plan.prefix_ids))
+            self._queries[prompt] = ids
+        return ids.to(device)
+
+    def answer_text(self, response: torch.Tensor) -> str:
+        """The whole answer (prefix + sampled tokens), special tokens dropped."""
+        return self.tokenizer.decode(list(self.plan.prefix_ids) + response.tolist(), skip_special_tokens=True)
+
+    def action(self, text: str) -> str | None:
+        return parse_answer(text, self.tokens, lenient=self.lenient)
+
+
+@dataclass
+class Decision:
+    query: torch.Tensor
+    response: torch.Tensor
+    text: str
+    action: str | None
+
+
+def decide(codec: Codec, sampler, prompts: list[str], device) -> list[Decision]:
+    """Answer a batch of prompts with one sampling call. sampler(queries, max_new_tokens=n) -> Rollout."""
+    queries = [codec.query(p, device) for p in prompts]
+    rollout = sampler(queries, max_new_tokens=codec.plan.gen_len)
+    out = []
+    for q, r in zip(queries, rollout.responses):
+        text = codec.answer_text(r)
+        out.append(Decision(q, r, text, codec.action(text)))
+    return out

