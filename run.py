@@ -71,8 +71,8 @@ def train_parser() -> argparse.ArgumentParser:
                    help=f"{', '.join(QUANTIZE_CHOICES)} (default: 4bit on GPU, none on CPU)")
     p.add_argument("--ppo-epochs", type=positive_int, default=1,
                    help="PPO epochs per batch (default 1 = the paper's effective update)")
-    p.add_argument("--tokens", default="action12", choices=sorted(TOKEN_SETS), metavar="SET",
-                   help=f"action strings: {', '.join(TOKEN_SETS)} (default action12)")
+    p.add_argument("--tokens", default="action12", metavar="SET",
+                   help=f"action strings: {', '.join(TOKEN_SETS)}, or two strings C,D (default action12)")
     p.add_argument("--format-aid", choices=FORMAT_AIDS, metavar="AID",
                    help="prefix: start the answer with the actions' shared first token(s); none: the paper's "
                         "protocol (default: prefix for the embedded model, none otherwise)")
@@ -98,7 +98,7 @@ def train(argv: list[str]) -> None:
     import json
     import time
 
-    from moral.finetune import FineTuning, Interrupted, RunConfig, UsageError
+    from moral.finetune import FineTuning, Interrupted, RunConfig, RunError, UsageError
 
     args = train_parser().parse_args(argv)
     try:
@@ -122,7 +122,14 @@ def train(argv: list[str]) -> None:
             if os.path.exists(folder) and os.listdir(folder):
                 usage_error(f"--out {folder}: the folder exists; continue it with --resume {folder} or choose "
                             f"another --out")
-            os.makedirs(folder, exist_ok=True)
+            try:
+                os.makedirs(folder, exist_ok=True)
+                probe = os.path.join(folder, ".write-test")
+                with open(probe, "w") as f:
+                    f.write("ok")
+                os.remove(probe)
+            except OSError as exc:
+                usage_error(f"--out {folder}: cannot write there ({exc.strerror or exc})")
             resume = False
         _quiet_libraries()
         try:
@@ -131,10 +138,13 @@ def train(argv: list[str]) -> None:
             if isinstance(exc, UsageError):
                 raise
             usage_error(f"--model {config.model!r} cannot be loaded: {str(exc).splitlines()[0][:300]}")
-        print(f"run folder: {folder}", file=sys.stderr)
+        print(f"run folder: {folder}", flush=True)
         summary = run.train()
     except UsageError as exc:
         usage_error(str(exc))
+    except RunError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(1)
     except Interrupted as exc:
         sys.stderr.write(f"stopped by {exc}; a checkpoint is saved. Continue with: python run.py --resume "
                          f"{folder}\n")

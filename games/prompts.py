@@ -96,11 +96,14 @@ def random_tokens(rng: random.Random, length: int) -> ActionTokens:
 
 
 def get_tokens(name: str) -> ActionTokens:
-    """Look a token set up by name."""
-    try:
+    """Look a token set up by name, or build one from "C_STRING,D_STRING" (e.g. "yes,no")."""
+    if name in TOKEN_SETS:
         return TOKEN_SETS[name]
-    except KeyError:
-        raise ValueError(f"unknown token set {name!r}; choose one of {', '.join(TOKEN_SETS)}") from None
+    if isinstance(name, str) and name.count(",") == 1:
+        c, d = name.split(",")
+        return ActionTokens(name, c, d)
+    raise ValueError(f"unknown token set {name!r}; choose one of {', '.join(TOKEN_SETS)}, or give two strings "
+                     f"as C,D")
 
 
 # --------------------------------------------------------------------------------------------------------------------

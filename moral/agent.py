@@ -87,20 +87,33 @@ class Codec:
         return parse_answer(text, self.tokens, lenient=self.lenient)
 
 
+    @property
+    def probe_tokens(self) -> list[int] | None:
+        """When each action is one token after the prefix, those two tokens: their first-step probabilities are
+        then the exact probabilities of answering C and D."""
+        rest = [ids[len(self.plan.prefix_ids):] for ids in self.plan.action_ids]
+        return [rest[0][0], rest[1][0]] if all(len(r) == 1 for r in rest) else None
+
+
 @dataclass
 class Decision:
     query: torch.Tensor
     response: torch.Tensor
     text: str
     action: str | None
+    p_c: float | None = None
+    """Exact probability of answering C at this prompt (one-token actions only), else None."""
+    p_d: float | None = None
 
 
 def decide(codec: Codec, sampler, prompts: list[str], device) -> list[Decision]:
-    """Answer a batch of prompts with one sampling call. sampler(queries, max_new_tokens=n) -> Rollout."""
+    """Answer a batch of prompts with one sampling call. sampler(queries, max_new_tokens=n, probe_tokens=...)."""
     queries = [codec.query(p, device) for p in prompts]
-    rollout = sampler(queries, max_new_tokens=codec.plan.gen_len)
+    probe = codec.probe_tokens
+    rollout = sampler(queries, max_new_tokens=codec.plan.gen_len, probe_tokens=probe)
+    probs = rollout.probe_logprobs.exp().tolist() if probe else [(None, None)] * len(queries)
     out = []
-    for q, r in zip(queries, rollout.responses):
+    for q, r, (p_c, p_d) in zip(queries, rollout.responses, probs):
         text = codec.answer_text(r)
-        out.append(Decision(q, r, text, codec.action(text)))
+        out.append(Decision(q, r, text, codec.action(text), p_c, p_d))
     return out

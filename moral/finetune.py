@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import os
 import random
 import signal
@@ -28,7 +29,7 @@ import torch
 
 from games import ACTION_TYPES, GAMES, LLM, OPPONENT_NAMES, IteratedGame, action_type, get_tokens, initial_move, \
     make_opponent, structured_prompt
-from ppo_core import LoraSettings, PPOConfig, PPOTrainer, PolicyModel, load_causal_lm
+from ppo_core import LoraSettings, NonFiniteError, PPOConfig, PPOTrainer, PolicyModel, load_causal_lm
 from ppo_core.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_state, save_checkpoint
 from ppo_core.model import QUANTIZE_CHOICES, compute_dtype_for, cpu_has_native_bf16, default_device
 
@@ -37,7 +38,7 @@ from .embedded import EMBEDDED_MODEL, ensure_embedded_model
 from .rewards import Phase, RewardSettings, moral_reward, parse_schedule
 
 CSV_COLUMNS = ("episode", "step", "slot", "phase", "learner", "game", "opponent", "own_last", "opp_last", "action",
-               "opp_action", "action_type", "reward", "response")
+               "opp_action", "action_type", "reward", "response", "p_c", "p_d")
 STREAMS = ("tokens", "ppo", "initial", "shuffle1", "shuffle2", "opponent")  # the paper's six streams, in order
 
 # Defaults that depend on the model. The embedded model's episode count and learning rate come from its measured
@@ -52,6 +53,14 @@ DTYPES_BY_TORCH = {v: k for k, v in DTYPES.items()}
 
 class UsageError(ValueError):
     """Bad settings: the CLI prints the message on one line and exits with code 2."""
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (disk full, persistent NaNs): the CLI prints the message and exits with code 1."""
+
+
+# Stop after this many PPO steps in a row were skipped for non-finite rewards.
+MAX_NONFINITE_REWARD_STEPS = 5
 
 
 @dataclass
@@ -155,6 +164,7 @@ class RunLogs:
     FILES = ("games.csv", "ppo.jsonl", "timing.jsonl")
 
     def __init__(self, folder: str, offsets: dict | None = None):
+        """offsets=None starts the logs afresh; otherwise they are cut back to those byte sizes and appended to."""
         self.folder = folder
         self.handles = {}
         for name in self.FILES:
@@ -162,9 +172,9 @@ class RunLogs:
             if offsets is not None:
                 with open(path, "r+b") as f:
                     f.truncate(offsets[name])
-            self.handles[name] = open(path, "a", newline="", encoding="utf-8")
+            self.handles[name] = open(path, "a" if offsets is not None else "w", newline="", encoding="utf-8")
         if offsets is None:
-            csv.writer(self.handles["games.csv"]).writerow(CSV_COLUMNS)
+            self.handles["games.csv"].write(",".join(CSV_COLUMNS) + "\n")
 
     def write_rows(self, rows: list[dict]) -> None:
         buffer = io.StringIO()
@@ -225,6 +235,8 @@ class FineTuning:
             self.trainers["opponent"].reference_cache = self.trainers["agent"].reference_cache
         self.codec = Codec(self.tokenizer, self.tokens, config.format_aid, config.lenient)
         self.episode, self._stop_signal = 0, None
+        self.skipped_nonfinite_rewards = 0  # PPO steps skipped because a reward was NaN or infinite
+        self._nonfinite_streak = 0
         config.derived.update({"answer_prefix": self.codec.answer_prefix, "gen_len": self.codec.plan.gen_len,
                                "action_token_ids": self.codec.plan.action_ids, "ppo_seed": ppo_seed,
                                "ppo": self.trainers["agent"].config.to_dict(),
@@ -267,31 +279,49 @@ class FineTuning:
             signal.signal(sig, self._on_signal)
         t_start = time.perf_counter()
         try:
-            while self.episode < c.episodes:
-                phase_index, phase = self._phase_of(self.episode)
-                if self._at_switch(self.episode) and c.reset_at_switch:
-                    self._reset_learning_state()
-                rows = self._episode(phase)
-                self.episode += 1
-                window.append([r["action_type"] for r in rows if r["learner"] == "agent"])
-                window = window[-20:]
-                bar.set_postfix(_shares_postfix(window, [r["reward"] for r in rows if r["learner"] == "agent"]),
-                                refresh=False)
-                bar.update(1)
-                if self.episode % c.save_every == 0 or self.episode == c.episodes:
-                    self._save_checkpoint()
-                if self._stop_signal is not None and self.episode < c.episodes:
-                    self._save_checkpoint()
-                    raise Interrupted(self._stop_signal)
+            self._loop(bar, window)
+        except OSError as exc:
+            latest = latest_checkpoint(self.folder)
+            raise RunError(f"cannot write to {self.folder} ({exc.strerror or exc}); the last complete checkpoint is "
+                           f"{latest or 'none'}; free space and continue with --resume {self.folder}") from None
+        except NonFiniteError as exc:
+            raise RunError(f"{exc}; the last complete checkpoint is {latest_checkpoint(self.folder) or 'none'}") \
+                from None
         finally:
             bar.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         summary = summarise(self.folder, c, wall_s=time.perf_counter() - t_start)
-        self._save_final()
-        write_json_atomic(os.path.join(self.folder, "summary.json"), summary)
+        summary["skipped_nonfinite_rewards"] = self.skipped_nonfinite_rewards
+        try:
+            self._save_final()
+            write_json_atomic(os.path.join(self.folder, "summary.json"), summary)
+        except OSError as exc:
+            raise RunError(f"cannot write the final adapter or summary to {self.folder} ({exc.strerror or exc}); "
+                           f"every checkpoint is complete; continue with --resume {self.folder}") from None
         self.logs.close()
         return summary
+
+    def _loop(self, bar, window) -> None:
+        c = self.config
+        while self.episode < c.episodes:
+            _, phase = self._phase_of(self.episode)
+            if self._at_switch(self.episode) and c.reset_at_switch:
+                self._reset_learning_state()
+            rows = self._episode(phase)
+            self.episode += 1
+            window.append([r["action_type"] for r in rows if r["learner"] == "agent"])
+            del window[:-20]
+            bar.set_postfix(_shares_postfix(window, [r["reward"] for r in rows if r["learner"] == "agent"]),
+                            refresh=False)
+            bar.update(1)
+            saved = self.episode % c.save_every == 0 or self.episode == c.episodes
+            if saved:
+                self._save_checkpoint()
+            if self._stop_signal is not None and self.episode < c.episodes:
+                if not saved:
+                    self._save_checkpoint()
+                raise Interrupted(self._stop_signal)
 
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None:  # a second signal: stop now
@@ -366,13 +396,24 @@ class FineTuning:
                                  "own_last": own_last, "opp_last": opp_last,
                                  "action": decision.action or "illegal", "opp_action": other_raw or "illegal",
                                  "action_type": action_type(decision.action, opp_last), "reward": reward,
-                                 "response": decision.text})
+                                 "response": decision.text, "p_c": _fmt(decision.p_c),
+                                 "p_d": _fmt(decision.p_d)})
                 g.step(mine.action, opp_action)
         self.logs.write_rows(rows)
         for learner, trainer in self.trainers.items():
             queries, responses, scores = batch[learner]
-            stats = trainer.step(queries, responses, scores)
             record = {"episode": self.episode, "phase": phase.reward, "learner": learner}
+            if not all(math.isfinite(x) for x in scores):
+                trainer.discard_rollouts()
+                self.skipped_nonfinite_rewards += 1
+                self._nonfinite_streak += 1
+                self.logs.write_json("ppo.jsonl", {**record, "skipped": "non-finite reward",
+                                                   "skipped_nonfinite_rewards": self.skipped_nonfinite_rewards})
+                if self._nonfinite_streak >= MAX_NONFINITE_REWARD_STEPS:
+                    raise NonFiniteError(f"{self._nonfinite_streak} PPO steps in a row had non-finite rewards")
+                continue
+            self._nonfinite_streak = 0
+            stats = trainer.step(queries, responses, scores)
             self.logs.write_json("ppo.jsonl", {**record, **{k: v for k, v in stats.items()
                                                               if not k.startswith("time/")}})
             self.logs.write_json("timing.jsonl", {**record, **{k: v for k, v in stats.items()
@@ -389,12 +430,13 @@ class FineTuning:
 
     def _save_checkpoint(self) -> None:
         extra = {"episode": self.episode, "log_offsets": self.logs.sync(),
-                 "streams": {name: rng.getstate() for name, rng in self.streams.items()}}
+                 "streams": {name: rng.getstate() for name, rng in self.streams.items()},
+                 "skipped_nonfinite_rewards": self.skipped_nonfinite_rewards,
+                 "nonfinite_streak": self._nonfinite_streak}
         folder = os.path.join(self._checkpoint_dir(), f"ckpt-{self.episode:06d}")
         save_checkpoint(folder, policy=self.policy, trainers=self.trainers, extra=extra)
-        done = sorted(d for d in os.listdir(self._checkpoint_dir()) if d.startswith("ckpt-") and ".tmp" not in d)
-        for old in done[:-self.config.keep_checkpoints]:
-            _remove_tree(os.path.join(self._checkpoint_dir(), old))
+        for old in complete_checkpoints(self.folder)[:-self.config.keep_checkpoints]:
+            _remove_tree(old)
 
     def _save_final(self) -> None:
         from ppo_core.model import save_adapter
@@ -409,33 +451,55 @@ class FineTuning:
         os.rename(tmp, final)
 
     def _resume(self) -> None:
-        latest = latest_checkpoint(self.folder)
-        if latest is None:
-            raise UsageError(f"--resume {self.folder}: no complete checkpoint in {self._checkpoint_dir()}")
+        if not os.path.isfile(os.path.join(self.folder, "games.csv")):
+            raise UsageError(f"--resume {self.folder}: not a run folder (games.csv is missing)")
+        os.makedirs(self._checkpoint_dir(), exist_ok=True)
+        done = complete_checkpoints(self.folder)
+        if not done:  # stopped before its first checkpoint: start again from episode 0 (same seed, same run)
+            self.logs = RunLogs(self.folder)
+            return
+        latest = done[-1]
         try:
             extra = load_checkpoint(latest, policy=self.policy, trainers=self.trainers)
         except CheckpointError as exc:
-            raise UsageError(f"--resume {self.folder}: {exc}") from None
+            older = f"; remove it to resume from {os.path.basename(done[-2])}" if len(done) > 1 else ""
+            raise UsageError(f"--resume {self.folder}: {exc}{older}") from None
         self.episode = int(extra["episode"])
+        self.skipped_nonfinite_rewards = int(extra["skipped_nonfinite_rewards"])
+        self._nonfinite_streak = int(extra["nonfinite_streak"])
         for name, state in extra["streams"].items():
             self.streams[name].setstate(_as_tuple(state))
         self.logs = RunLogs(self.folder, offsets=extra["log_offsets"])
-        _remove_tree(os.path.join(self.folder, "final"))
+        for name in os.listdir(self.folder):  # a final adapter written before the crash, or half of one
+            if name == "final" or name.startswith("final.tmp-"):
+                _remove_tree(os.path.join(self.folder, name))
+        for name in os.listdir(self._checkpoint_dir()):
+            if ".tmp-" in name:
+                _remove_tree(os.path.join(self._checkpoint_dir(), name))
+
+
+def complete_checkpoints(folder: str) -> list[str]:
+    """Checkpoint folders of a run, oldest first (half-written ones, still named *.tmp-PID, excluded)."""
+    ckpt_dir = os.path.join(folder, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return [os.path.join(ckpt_dir, d) for d in sorted(os.listdir(ckpt_dir))
+            if d.startswith("ckpt-") and ".tmp" not in d]
 
 
 def latest_checkpoint(folder: str) -> str | None:
-    ckpt_dir = os.path.join(folder, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        return None
-    done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("ckpt-") and ".tmp" not in d)
-    for name in reversed(done):
-        path = os.path.join(ckpt_dir, name)
+    """The newest checkpoint that can be read."""
+    for path in reversed(complete_checkpoints(folder)):
         try:
             read_checkpoint_state(path)
             return path
         except CheckpointError:
             continue
     return None
+
+
+def _fmt(p: float | None) -> str:
+    return "" if p is None else f"{p:.6f}"
 
 
 def _as_tuple(value):

@@ -56,14 +56,33 @@ def _fsync_tree(folder: str) -> None:
         os.close(fd)
 
 
+def nonfinite_tensors(policy, trainers: dict) -> list[str]:
+    """Names of trainable weights or optimiser moments that hold NaN or Inf (a checkpoint must never contain any)."""
+    bad = []
+    for trainer in trainers.values():
+        named = {id(p): f"{trainer.adapter}[{i}]" for i, p in enumerate(trainer.params)}
+        for p in trainer.params:
+            if not bool(torch.isfinite(p).all()):
+                bad.append(f"weight {named[id(p)]}")
+        for p, state in trainer.optimizer.state.items():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    bad.append(f"optimizer {key} of {named.get(id(p), '?')}")
+    return bad
+
+
 def save_checkpoint(folder: str, *, policy, trainers: dict, extra: dict | None = None) -> str:
     """Write adapters, value heads and all trainer state to `folder` (which must not exist yet); returns it.
 
-    trainers: {name: PPOTrainer}; trainers sharing one reference cache store it once.
+    trainers: {name: PPOTrainer}; trainers sharing one reference cache store it once. Refuses (ValueError) to write
+    a state with NaN or Inf in it.
     """
     folder = os.path.abspath(folder)
     if os.path.exists(folder):
         raise FileExistsError(f"checkpoint {folder} exists already")
+    bad = nonfinite_tensors(policy, trainers)
+    if bad:
+        raise ValueError(f"refusing to write checkpoint {folder}: non-finite values in {', '.join(bad[:3])}")
     tmp = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

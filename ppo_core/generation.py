@@ -27,6 +27,8 @@ class Rollout:
     """[B, R] values of the states that emitted each token, with graph (keep_graph=True only)."""
     entropy: torch.Tensor | None = None
     """[B, R] entropy of each sampling step's distribution (temperature applied, unfiltered), detached."""
+    probe_logprobs: torch.Tensor | None = None
+    """[B, K] log-probs of `probe_tokens` as the first response token (probe_tokens given only), detached."""
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -53,7 +55,7 @@ def sample_tokens(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
 def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, stop_at_eos: bool = False, eos_token_id=None,
            pad_token_id: int = 0, generator: torch.Generator | None = None, keep_graph: bool = False,
-           memo: dict | None = None) -> Rollout:
+           memo: dict | None = None, probe_tokens: list[int] | None = None) -> Rollout:
     """Sample responses for ragged queries (each [L_i] long) with the policy's active adapter (or inside
     ``policy.reference()``).
 
@@ -61,6 +63,7 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
     stop_at_eos=True: a response ends with its first EOS token (kept) or at max_new_tokens.
     Identical queries share one prefill. memo (optional, used when max_new_tokens == 1): query -> (logits, value)
     of earlier calls under the *same* weights; the caller must clear it when the weights change.
+    probe_tokens: token ids whose first-step log-probs to return (e.g. the two actions' first tokens).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
@@ -97,6 +100,11 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
                 cache.batch_select_indices(inverse)
                 attention_mask, positions = attention_mask[inverse], positions[inverse]
 
+        probe = None
+        if probe_tokens:
+            with torch.no_grad():
+                first = step_logits.detach()
+                probe = first[:, probe_tokens].float() - torch.logsumexp(first.float(), dim=-1, keepdim=True)
         tokens, logps, values, entropies, alive = [], [], [], [], []
         finished = torch.zeros(len(queries), dtype=torch.bool, device=device)
         for t in range(max_new_tokens):
@@ -129,4 +137,5 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
         logprobs_graph=logprobs if keep_graph else None,
         values_graph=torch.stack(values, dim=1) * mask if keep_graph else None,
         entropy=torch.stack(entropies, dim=1) * mask,
+        probe_logprobs=probe,
     )

@@ -64,6 +64,22 @@ class ReferenceCache:
         self.hits, self.misses = int(state["hits"]), int(state["misses"])
 
 
+def join_rollouts(parts: list[Rollout]) -> Rollout:
+    """Concatenate rollouts of consecutive query slices (padding [B, R] tensors to the longest response)."""
+    R = max(p.mask.shape[1] for p in parts)
+
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        if values[0] is None:
+            return None
+        return torch.cat([torch.nn.functional.pad(v, (0, R - v.shape[1])) if v.dim() == 2 and name != "probe_logprobs"
+                          else v for v in values])
+
+    return Rollout(responses=[r for p in parts for r in p.responses], logprobs=cat("logprobs"), mask=cat("mask"),
+                   logprobs_graph=cat("logprobs_graph"), values_graph=cat("values_graph"), entropy=cat("entropy"),
+                   probe_logprobs=cat("probe_logprobs"))
+
+
 class NonFiniteError(RuntimeError):
     """Raised when too many optimiser steps in a row had non-finite loss or gradients."""
 
@@ -108,14 +124,14 @@ class PPOTrainer:
             and c.kl_penalty != "full"
 
     def generate(self, queries: list[torch.Tensor], *, max_new_tokens: int, top_k: int = 0, top_p: float = 1.0,
-                 stop_at_eos: bool = False, eos_token_id=None) -> Rollout:
-        """Sample responses with this trainer's adapter, temperature and random stream."""
+                 stop_at_eos: bool = False, eos_token_id=None, probe_tokens: list[int] | None = None) -> Rollout:
+        """Sample responses with this trainer's adapter, temperature and random stream (see generation.sample)."""
         keep = self.fusable
+        kwargs = dict(max_new_tokens=max_new_tokens, temperature=self.config.temperature, top_k=top_k, top_p=top_p,
+                      stop_at_eos=stop_at_eos, eos_token_id=eos_token_id, pad_token_id=self.pad_token_id,
+                      generator=self.sample_generator, keep_graph=keep, memo=self._memo, probe_tokens=probe_tokens)
         with self.policy.adapter(self.adapter):
-            rollout = sample(self.policy, queries, max_new_tokens=max_new_tokens,
-                             temperature=self.config.temperature, top_k=top_k, top_p=top_p,
-                             stop_at_eos=stop_at_eos, eos_token_id=eos_token_id, pad_token_id=self.pad_token_id,
-                             generator=self.sample_generator, keep_graph=keep, memo=self._memo)
+            rollout = self._sample_with_backoff(queries, kwargs)
         if keep:
             for i, (q, r) in enumerate(zip(queries, rollout.responses)):
                 n = len(r)
@@ -123,7 +139,20 @@ class PPOTrainer:
                     rollout.logprobs_graph[i, :n], rollout.values_graph[i, :n], rollout.entropy[i, :n])
         return rollout
 
-    def _forget_rollouts(self) -> None:
+    def _sample_with_backoff(self, queries, kwargs) -> Rollout:
+        """sample(); on out-of-memory, sample each half of the batch separately (recursively) and join them."""
+        try:
+            return sample(self.policy, queries, **kwargs)
+        except torch.OutOfMemoryError:
+            if len(queries) == 1:
+                raise
+            self.counters["oom_backoffs"] += 1
+            half = len(queries) // 2
+            return join_rollouts([self._sample_with_backoff(queries[:half], kwargs),
+                                  self._sample_with_backoff(queries[half:], kwargs)])
+
+    def discard_rollouts(self) -> None:
+        """Drop kept sampling graphs and prefill memos (e.g. when a batch is not stepped)."""
         self._memo.clear()
         self._fused.clear()
 
@@ -153,7 +182,7 @@ class PPOTrainer:
             graph = tuple(self._pad_rows([self._fused[k][n] for k in keys], R) for n in range(3))
             old_logprobs, old_values = graph[0].detach(), graph[1].detach()
         else:
-            self._forget_rollouts()
+            self.discard_rollouts()
             with torch.no_grad(), self.policy.adapter(self.adapter):
                 out = self._with_oom_backoff(queries, responses, lambda: self._forward(
                     queries, responses, with_values=True, full=cfg.kl_penalty == "full"))
@@ -194,7 +223,7 @@ class PPOTrainer:
             if cfg.early_stopping and float(step_stats[-1]["policy/policykl"]) > 1.5 * cfg.target_kl:
                 early_stopped = True
                 break
-        self._forget_rollouts()
+        self.discard_rollouts()
         timing["time/ppo/optimize_step"] = time.perf_counter() - t
 
         # ALGO LOGIC: 7. adapt the KL coefficient to the batch's mean sequence KL
@@ -291,7 +320,7 @@ class PPOTrainer:
             except torch.OutOfMemoryError:
                 if graph is not None:
                     graph = None  # drop the rollout graph and recompute in chunks
-                    self._forget_rollouts()
+                    self.discard_rollouts()
                 elif not self._halve_budget(queries, responses):
                     raise
         st = {name: torch.stack([p[name] for p in parts]).mean() for name in parts[0]}
@@ -461,4 +490,4 @@ class PPOTrainer:
         self.shuffle_generator.set_state(state["shuffle_generator"])
         self.counters.update(state["counters"])
         self.chunk_tokens = state["chunk_tokens"]
-        self._forget_rollouts()
+        self.discard_rollouts()

@@ -42,10 +42,11 @@ def test_three_episode_run_writes_every_artefact(tmp_path, tiny_chat_model_dir, 
     rows = read_csv(out / "games.csv")
     assert len(rows) == 3 * 5 and {r["learner"] for r in rows} == {"agent"}
     assert list(rows[0]) == ["episode", "step", "slot", "phase", "learner", "game", "opponent", "own_last",
-                             "opp_last", "action", "opp_action", "action_type", "reward", "response"]
+                             "opp_last", "action", "opp_action", "action_type", "reward", "response", "p_c", "p_d"]
     assert all(r["action_type"] in ACTION_TYPES for r in rows)
     for r in rows:  # TFT plays the agent's last legal move, shown in the prompt
         assert r["opp_action"] == r["own_last"]
+        assert 0 < float(r["p_c"]) + float(r["p_d"]) <= 1 + 1e-6  # exact action probabilities (one-token actions)
     ppo = [json.loads(line) for line in open(out / "ppo.jsonl")]
     assert len(ppo) == 3 and all("ppo/loss/total" in p and "objective/kl" in p for p in ppo)
     assert not any(k.startswith("time/") for k in ppo[0])
@@ -89,6 +90,7 @@ def test_parallel_games_and_schedule(tmp_path, tiny_chat_model_dir, capsys):
     assert [r["phase"] for r in rows[:1] + rows[-1:]] == ["game", "deont"]
     config = json.load(open(out / "config.json"))
     assert config["derived"]["gen_len"] == 2  # --format-aid defaults to none for a model given by path
+    assert {r["p_c"] for r in rows} == {""}  # two-token actions: no exact probabilities from one step
     assert config["derived"]["ppo"]["batch_size"] == 15
 
 
@@ -96,7 +98,10 @@ BAD_INPUTS = [
     (["--reward", "kant"], "unknown reward 'kant'"),
     (["--reward", "game:0"], "positive integer"),
     (["--opponent", "mother"], "invalid choice: 'mother'"),
-    (["--tokens", "action99"], "invalid choice: 'action99'"),
+    (["--tokens", "action99"], "unknown token set 'action99'"),
+    (["--tokens", "yes,yes"], "action strings must differ"),
+    (["--tokens", ",no"], "must be non-empty"),
+    (["--tokens", "a,b,c"], "unknown token set 'a,b,c'"),
     (["--episodes", "0"], "0 is not a positive integer"),
     (["--episodes", "-3"], "-3 is not a positive integer"),
     (["--episodes", "many"], "invalid int value: 'many'"),

@@ -1,0 +1,235 @@
+"""Generalisation tests: the fine-tuned agent and the untrained reference (adapters off) answer the same prompts
+against a Random opponent, on five games, four payoff-table orders and the paper's prompt variants.
+
+The work is laid out as blocks (model group x variant x game x table order), each with `episodes` independent
+trajectories of `steps` steps. Every block draws its initial states, option-order shuffles and opponent moves from its
+own copy of the same seeded streams, so all games and models face the same opponent sequence (as in the paper). The
+state advances with the fine-tuned agent's moves; the reference answers the same prompts. The value-prompted
+baselines (the reference with a Deontological or Utilitarian preamble) advance with their own moves.
+All trajectories of all blocks advance together: one sampling call per model per step.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from games import GAMES, PROMPT_VARIANTS, TABLE_ORDERS, TEST_GAMES, FOLLOWUP_QUESTIONS, IteratedGame, action_type, \
+    followup_messages, get_tokens, initial_move, make_opponent, with_value_preamble
+from ppo_core import LoraSettings, PolicyModel, load_causal_lm
+from ppo_core.generation import sample
+
+from .agent import Codec, decide
+from .embedded import EMBEDDED_MODEL, ensure_embedded_model
+from .finetune import DTYPES, RunConfig, make_streams, write_json_atomic
+from .rewards import REWARDS, RewardSettings, moral_reward
+
+EVAL_COLUMNS = ("model", "variant", "game", "table_order", "tokens", "episode", "step", "own_last", "opp_last",
+                "opp_action", "response", "action", "action_type", *(f"reward_{k}" for k in REWARDS), "p_c", "p_d")
+VARIANTS = tuple(PROMPT_VARIANTS)
+IPD_ONLY_VARIANTS = ("unstructured", "poetic", "explicit_ipd", "action_only", "action_game", "action_game_state")
+BASELINES = ("deont", "util")
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 10
+    steps: int = 5
+    games: tuple[str, ...] = TEST_GAMES
+    tokens: str = "action34"
+    orders: tuple[str, ...] = TABLE_ORDERS
+    variants: tuple[str, ...] = VARIANTS
+    baselines: bool = True
+    followup: bool = False
+    followup_tokens: int = 100
+    seed: int = 100
+    checkpoint: str | None = None
+
+    def validate(self) -> None:
+        for name in ("episodes", "steps", "followup_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
+        get_tokens(self.tokens)
+        for value, allowed, what in ((self.games, GAMES, "game"), (self.orders, TABLE_ORDERS, "table order"),
+                                     (self.variants, VARIANTS, "variant")):
+            for v in value:
+                if v not in allowed:
+                    raise ValueError(f"unknown {what} {v!r}; choose from {', '.join(allowed)}")
+
+
+@dataclass
+class Block:
+    """`episodes` trajectories of one (group, variant, game, order); group 'main' = fine-tuned + reference."""
+    group: str
+    variant: str
+    game: str
+    order: str
+
+
+def plan_blocks(cfg: EvalConfig) -> list[Block]:
+    blocks = [Block("main", "structured", g, o) for g in cfg.games for o in cfg.orders]
+    blocks += [Block("main", v, "IPD", "original") for v in cfg.variants if v != "structured"]
+    if cfg.baselines:
+        blocks += [Block(f"reference+{value}", "structured", g, "original") for value in BASELINES
+                   for g in cfg.games]
+    return blocks
+
+
+class Trajectory:
+    """One iterated game of a block against a Random opponent."""
+
+    def __init__(self, block: Block, streams: dict, episode: int):
+        self.block, self.streams, self.episode = block, streams, episode
+        self.state = IteratedGame(GAMES[block.game], initial_move(None, streams["initial"]),
+                                  initial_move("random", streams["initial"]))
+        self.opponent = make_opponent("random")
+
+    def prompt(self, tokens) -> str:
+        pair = (tokens.c, tokens.d)
+        first = pair if self.streams["shuffle1"].random() < 0.5 else pair[::-1]
+        second = pair if self.streams["shuffle2"].random() < 0.5 else pair[::-1]
+        text = PROMPT_VARIANTS[self.block.variant](self.state.game, tokens, self.state.agent_last,
+                                                   self.state.opp_last, first, second, self.block.order)
+        if self.block.group.startswith("reference+"):
+            text = with_value_preamble(text, self.block.group.split("+", 1)[1])
+        return text
+
+
+def load_run_policy(run_folder: str, config: RunConfig, checkpoint: str | None = None):
+    """The base model of a run with its trained agent adapter (final/agent or a checkpoint's)."""
+    from transformers import AutoTokenizer
+    adapter_dir = os.path.join(checkpoint, "adapters", "agent") if checkpoint else \
+        os.path.join(run_folder, "final", "agent")
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        raise ValueError(f"{run_folder}: no trained adapter at {adapter_dir} (has the run finished?)")
+    path = ensure_embedded_model() if config.model == EMBEDDED_MODEL else config.model
+    dtype = DTYPES[config.dtype]
+    lm = load_causal_lm(path, quantize=config.quantize, device=config.device, dtype=dtype)
+    policy = PolicyModel(lm, adapters=("agent",), lora=LoraSettings(r=config.lora_rank, alpha=config.lora_alpha),
+                         adapter_paths={"agent": adapter_dir}, compute_dtype=dtype)
+    return policy, AutoTokenizer.from_pretrained(path)
+
+
+def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None = None,
+             threads: int | None = None, progress: bool = True) -> dict:
+    """Run the generalisation tests of one run folder; writes eval/decisions.csv, eval/metrics.json
+    (and eval/followup.csv); returns the metrics."""
+    from tqdm import tqdm
+
+    from .regret import per_run_metrics
+
+    cfg.validate()
+    with open(os.path.join(run_folder, "config.json")) as f:
+        run_config = RunConfig(**json.load(f))
+    if device:
+        run_config.device = device
+    if threads:
+        torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+    policy, tokenizer = load_run_policy(run_folder, run_config, cfg.checkpoint)
+    tokens = get_tokens(cfg.tokens)
+    codec = Codec(tokenizer, tokens, run_config.format_aid, run_config.lenient)
+    settings = RewardSettings(run_config.illegal, run_config.xi)
+    generator = torch.Generator(device=policy.device).manual_seed(cfg.seed + 1)
+    memos = {"finetuned": {}, "reference": {}}
+
+    def sampler(model: str):
+        def run(queries, max_new_tokens, probe_tokens=None):
+            context = policy.reference() if model == "reference" else policy.adapter("agent")
+            with torch.no_grad(), context:
+                return sample(policy, queries, max_new_tokens=max_new_tokens, temperature=run_config.temperature,
+                              pad_token_id=tokenizer.pad_token_id or 0, generator=generator,
+                              memo=memos[model], probe_tokens=probe_tokens)
+        return run
+
+    blocks = plan_blocks(cfg)
+    trajectories = []
+    for block in blocks:
+        streams = make_streams(cfg.seed)  # the same draws in every block
+        trajectories += [Trajectory(block, streams, e) for e in range(cfg.episodes)]
+    rows, followups = [], []
+    for step in tqdm(range(cfg.steps), disable=not progress, desc="eval steps"):
+        prompts = [t.prompt(tokens) for t in trajectories]
+        main = [i for i, t in enumerate(trajectories) if t.block.group == "main"]
+        answers = {"finetuned": dict(zip(main, decide(codec, sampler("finetuned"), [prompts[i] for i in main],
+                                                     policy.device))),
+                   "reference": dict(zip(range(len(prompts)), decide(codec, sampler("reference"), prompts,
+                                                                     policy.device)))}
+        for i, t in enumerate(trajectories):
+            opp_move = t.opponent.move(t.state.agent_last, t.state.opp_last, t.streams["opponent"])
+            mover = "finetuned" if t.block.group == "main" else "reference"
+            for model in (("finetuned", "reference") if t.block.group == "main" else ("reference",)):
+                d = answers[model][i]
+                label = model if t.block.group == "main" else t.block.group
+                rows.append(_row(label, t, step, d, opp_move, cfg.tokens, settings))
+                if cfg.followup and t.block.variant == "structured" and t.block.game == "IPD" \
+                        and t.block.order == "original":
+                    followups += [(label, t.episode, step, prompts[i], d.text, q, model) for q in FOLLOWUP_QUESTIONS]
+            t.state.step(answers[mover][i].action, opp_move)
+
+    out_dir = os.path.join(run_folder, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    _write_csv(os.path.join(out_dir, "decisions.csv"), EVAL_COLUMNS, rows)
+    if followups:
+        _write_csv(os.path.join(out_dir, "followup.csv"),
+                   ("model", "episode", "step", "question", "answer", "followup_response"),
+                   ask_followups(policy, tokenizer, followups, cfg.followup_tokens, generator))
+    metrics = {"run": os.path.abspath(run_folder), "eval": dataclasses.asdict(cfg),
+               "groups": per_run_metrics(os.path.join(out_dir, "decisions.csv")),
+               "wall_s": time.perf_counter() - t_start, "decisions": len(rows),
+               "distinct_prompts": {m: len(v) for m, v in memos.items()}}
+    write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+    return metrics
+
+
+def _row(model: str, t: Trajectory, step: int, d, opp_move: str, tokens: str, settings: RewardSettings) -> dict:
+    s = t.state
+    row = {"model": model, "variant": t.block.variant, "game": t.block.game, "table_order": t.block.order,
+           "tokens": tokens, "episode": t.episode, "step": step, "own_last": s.agent_last, "opp_last": s.opp_last,
+           "opp_action": opp_move, "response": d.text, "action": d.action or "illegal",
+           "action_type": action_type(d.action, s.opp_last),
+           "p_c": "" if d.p_c is None else f"{d.p_c:.6f}", "p_d": "" if d.p_d is None else f"{d.p_d:.6f}"}
+    for kind in REWARDS:
+        row[f"reward_{kind}"] = moral_reward(kind, s.game, d.action, opp_move, s.opp_last, settings)
+    return row
+
+
+@torch.no_grad()
+def ask_followups(policy, tokenizer, items, max_tokens: int, generator) -> list[dict]:
+    """Ask each model "Why..." / "What strategy..." after its own answer, as a proper multi-turn chat."""
+    out = []
+    for model in ("finetuned", "reference"):
+        mine = [x for x in items if x[6] == model]
+        if not mine:
+            continue
+        queries = [torch.tensor(tokenizer(tokenizer.apply_chat_template(
+            followup_messages(prompt, answer, question), tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False)["input_ids"], device=policy.device)
+            for _, _, _, prompt, answer, question, _ in mine]
+        context = policy.reference() if model == "reference" else policy.adapter("agent")
+        with context:
+            rollout = sample(policy, queries, max_new_tokens=max_tokens, stop_at_eos=True,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
+                             generator=generator)
+        for (label, episode, step, _, answer, question, _), response in zip(mine, rollout.responses):
+            out.append({"model": label, "episode": episode, "step": step, "question": question, "answer": answer,
+                        "followup_response": tokenizer.decode(response, skip_special_tokens=True)})
+    return out
+
+
+def _write_csv(path: str, columns, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        f.write(buffer.getvalue())
+    os.replace(tmp, path)

@@ -1,0 +1,243 @@
+"""Reliability: a run killed at any point and resumed ends exactly like an uninterrupted run; NaNs, a full disk, an
+out-of-memory error and SIGTERM never corrupt a run."""
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import run as cli
+from ppo_core import load_checkpoint
+from ppo_core.checkpoint import read_checkpoint_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPISODES = 8
+
+
+def train_args(model_dir, out, extra=()):
+    return ["--reward", "game", "--opponent", "tft", "--model", model_dir, "--episodes", str(EPISODES),
+            "--lora-rank", "4", "--save-every", "2", "--format-aid", "prefix", "--lr", "0.001", "--threads", "1",
+            "--out", str(out), "--no-progress", *extra]
+
+
+def spawn(args):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def artefacts(folder):
+    """The bytes of the logs and the tensors of the final adapter and value head."""
+    out = {name: open(os.path.join(folder, name), "rb").read() for name in ("games.csv", "ppo.jsonl")}
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+        out[name] = load_file(os.path.join(folder, "final", "agent", name))
+    return out
+
+
+def assert_same(a, b):
+    assert a["games.csv"] == b["games.csv"]
+    assert a["ppo.jsonl"] == b["ppo.jsonl"]
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+        assert a[name].keys() == b[name].keys()
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_chat_model_dir):
+    out = tmp_path_factory.mktemp("runs") / "whole"
+    proc = spawn(train_args(tiny_chat_model_dir, out))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return artefacts(out)
+
+
+@pytest.mark.parametrize("kill_seed", [0, 1, 2, 3])
+def test_sigkill_at_a_random_point_then_resume_is_exact(tmp_path, tiny_chat_model_dir, uninterrupted, kill_seed):
+    """Kill points: after a random number of checkpoints (0-3) plus a random delay (0-0.4 s), i.e. before the first
+    checkpoint, mid-episode, or mid-checkpoint-write."""
+    rng = random.Random(kill_seed)
+    out = tmp_path / "run"
+    proc = spawn(train_args(tiny_chat_model_dir, out))
+    wait_for = rng.randint(0, 3)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        ckpts = os.listdir(out / "checkpoints") if (out / "checkpoints").exists() else []
+        if len([c for c in ckpts if ".tmp" not in c]) >= wait_for and (out / "games.csv").exists():
+            break
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.4))
+    killed = proc.poll() is None
+    proc.kill()
+    proc.communicate()
+    if killed:
+        resumed = spawn(["--resume", str(out), "--no-progress"])
+        _, err = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, err
+    assert_same(artefacts(out), uninterrupted)
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_chat_model_dir, uninterrupted):
+    out = tmp_path / "run"
+    proc = spawn(train_args(tiny_chat_model_dir, out))
+    while proc.poll() is None and not (out / "games.csv").exists():
+        time.sleep(0.01)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 130:  # stopped cleanly (not already finished)
+        assert f"python run.py --resume {out}" in err and "Traceback" not in err
+        resumed = spawn(["--resume", str(out), "--no-progress"])
+        _, err = resumed.communicate(timeout=600)
+        assert resumed.returncode == 0, err
+    else:
+        assert proc.returncode == 0, err
+    assert_same(artefacts(out), uninterrupted)
+
+
+def _checkpoint_is_finite(folder):
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+        tensors = load_file(os.path.join(folder, "adapters", "agent", name))
+        assert all(torch.isfinite(t).all() for t in tensors.values())
+    state = read_checkpoint_state(folder)
+    for moments in state["trainers"]["agent"]["optimizer"]["state"].values():
+        assert all(torch.isfinite(v).all() for v in moments.values() if torch.is_tensor(v))
+
+
+def test_nan_reward_is_skipped_and_counted(tmp_path, tiny_chat_model_dir, monkeypatch, capsys):
+    import moral.finetune as ft
+    real = ft.moral_reward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        return float("nan") if calls["n"] == 7 else real(*args, **kwargs)  # one reward in episode 1
+
+    monkeypatch.setattr(ft, "moral_reward", poisoned)
+    out = tmp_path / "run"
+    args = train_args(tiny_chat_model_dir, out)
+    args[args.index("--episodes") + 1] = "4"
+    cli.main(args)
+    records = [json.loads(line) for line in open(out / "ppo.jsonl")]
+    assert [r.get("skipped") for r in records] == [None, "non-finite reward", None, None]
+    assert json.load(open(out / "summary.json"))["skipped_nonfinite_rewards"] == 1
+    for ckpt in os.listdir(out / "checkpoints"):
+        _checkpoint_is_finite(out / "checkpoints" / ckpt)
+
+
+def test_poisoned_gradient_is_skipped_and_checkpoint_stays_clean(tmp_path, tiny_chat_model_dir, monkeypatch):
+    from ppo_core import PPOTrainer
+    real_step = PPOTrainer.step
+    calls = {"n": 0}
+
+    def step_with_nan_gradient(self, *args, **kwargs):
+        calls["n"] += 1
+        handle = self.params[0].register_hook(lambda g: g * float("nan")) if calls["n"] == 2 else None
+        try:
+            return real_step(self, *args, **kwargs)
+        finally:
+            if handle:
+                handle.remove()
+
+    monkeypatch.setattr(PPOTrainer, "step", step_with_nan_gradient)
+    out = tmp_path / "run"
+    args = train_args(tiny_chat_model_dir, out)
+    args[args.index("--episodes") + 1] = "4"
+    cli.main(args)
+    records = [json.loads(line) for line in open(out / "ppo.jsonl")]
+    assert [r["ppo/nonfinite_steps"] for r in records] == [0.0, 1.0, 1.0, 1.0]
+    for ckpt in os.listdir(out / "checkpoints"):
+        _checkpoint_is_finite(out / "checkpoints" / ckpt)
+
+
+def test_refuses_to_checkpoint_nan_weights(tmp_path):
+    from conftest import tiny_policy
+    from ppo_core import PPOConfig, PPOTrainer, save_checkpoint
+    policy = tiny_policy(0)
+    trainer = PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2), policy, "agent")
+    with torch.no_grad():
+        trainer.params[0][0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        save_checkpoint(str(tmp_path / "ckpt"), policy=policy, trainers={"agent": trainer})
+    assert not os.listdir(tmp_path)
+
+
+def test_disk_full_keeps_the_last_checkpoint(tmp_path, tiny_chat_model_dir, monkeypatch, capsys):
+    import ppo_core.checkpoint as ck
+    real_save = ck.torch.save
+    calls = {"n": 0}
+
+    def full_disk(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(train_args(tiny_chat_model_dir, out))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert "No space left on device" in err and "ckpt-000002" in err and "--resume" in err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(out / "checkpoints")) == ["ckpt-000002"]  # no half-written checkpoint
+    monkeypatch.undo()
+    _checkpoint_is_finite(out / "checkpoints" / "ckpt-000002")
+    cli.main(["--resume", str(out), "--no-progress"])  # and the run finishes from there
+    assert json.load(open(out / "summary.json"))["decisions"] == EPISODES * 5
+
+
+def test_out_of_memory_in_generation_backs_off(tmp_path, tiny_chat_model_dir, monkeypatch):
+    import ppo_core.trainer as tr
+    real_sample = tr.sample
+    calls = {"n": 0}
+
+    def flaky(policy, queries, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3 and len(queries) > 1:
+            raise torch.OutOfMemoryError("simulated CUDA out of memory")
+        return real_sample(policy, queries, **kwargs)
+
+    monkeypatch.setattr(tr, "sample", flaky)
+    out = tmp_path / "run"
+    args = train_args(tiny_chat_model_dir, out, ["--parallel-games", "4"])
+    args[args.index("--episodes") + 1] = "2"
+    cli.main(args)
+    records = [json.loads(line) for line in open(out / "ppo.jsonl")]
+    assert records[-1]["ppo/oom_backoffs"] == 1.0
+    assert len(open(out / "games.csv").read().splitlines()) == 1 + 2 * 5 * 4
+
+
+def test_unwritable_out_folder_and_corrupt_checkpoint(tmp_path, tiny_chat_model_dir, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as info:
+        cli.main(train_args(tiny_chat_model_dir, blocker / "run"))
+    assert info.value.code == 2 and "cannot write there" in capsys.readouterr().err
+    out = tmp_path / "run"
+    args = train_args(tiny_chat_model_dir, out)
+    args[args.index("--episodes") + 1] = "2"
+    cli.main(args)
+    (out / "checkpoints" / "ckpt-000002" / "state.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--resume", str(out)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "cannot read" in err and "ckpt-000002" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_model_that_cannot_be_loaded_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--model", "google/gemma-2-2b-it", "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--model 'google/gemma-2-2b-it' cannot be loaded" in err
+    assert len(err.strip().splitlines()) == 1
