@@ -236,7 +236,7 @@ def build_random_checkpoint(config, folder: str, device: torch.device, dtype: to
     model.save_pretrained(folder)
     del model
     free_memory(device)
-    return {"params": params, "built_on": str(built_on), "build_and_save_s": time.perf_counter() - t}
+    return {"model_params": params, "built_on": str(built_on), "build_and_save_s": time.perf_counter() - t}
 
 
 def load_policy(folder: str, device: torch.device, adapters=("agent",), lora=None, quantize: str = "4bit",
@@ -471,6 +471,7 @@ def run_episode(trainers: dict, pool: list[torch.Tensor], work: Workload, rng: r
     record["ref_cache_hit_rate"] = 1 - record["ref_cache_misses"] / (len(trainers) * work.games * work.steps)
     record["loss_finite"] = all(torch.isfinite(torch.tensor(st["ppo/loss/total"])).item() for st in stats.values())
     record["skipped_steps"] = sum(st.get("ppo/skipped_steps", 0.0) for st in stats.values())
+    record["oom_backoffs"] = sum(st.get("ppo/oom_backoffs", 0.0) for st in stats.values())
     record["distinct_prefills"] = sum(sum(v) for v in distinct.values())
     if dims is not None:
         w = Work(dims, quantize, dtype_bytes)
@@ -532,7 +533,8 @@ def run_case(trainers: dict, pool: list[torch.Tensor], work: Workload, *, warmup
         "ref_cache_hit_rate": med(r["ref_cache_hit_rate"] for r in records),
         "distinct_prefills_per_episode": med(r["distinct_prefills"] for r in records),
         "losses_finite": all(r["loss_finite"] for r in records),
-        "skipped_steps": sum(r["skipped_steps"] for r in records),
+        "skipped_steps": max(r["skipped_steps"] for r in records),
+        "oom_backoffs": max(r["oom_backoffs"] for r in records),
     }
     if device.type == "cuda":
         out["resident_gb"] = resident
@@ -561,8 +563,9 @@ def release(trainers: dict, device: torch.device) -> None:
         trainer.optimizer.zero_grad(set_to_none=True)
         for p in trainer.params:
             p.grad = None
-        if hasattr(trainer, "_forget_rollouts"):
-            trainer._forget_rollouts()
+        discard = getattr(trainer, "discard_rollouts", None) or getattr(trainer, "_forget_rollouts", None)
+        if discard is not None:  # drop kept sampling graphs
+            discard()
     trainers.clear()
     free_memory(device)
 
@@ -623,9 +626,13 @@ def render_results(data: dict, title: str = "results") -> str:
     env = data.get("environment", {})
     lines = [f"### {title}", "",
              f"{env.get('device_name')} · torch {env.get('torch')} · transformers {env.get('transformers')} · "
-             f"peft {env.get('peft')} · bitsandbytes {env.get('bitsandbytes')} · compute dtype "
-             f"{env.get('compute_dtype')} · threads {env.get('torch_threads')} · load average "
-             f"{env.get('loadavg_1_5_15')} · {env.get('time_utc')}", ""]
+             f"peft {env.get('peft')} · bitsandbytes {env.get('bitsandbytes')} · "
+             + (f"compute dtype {env['compute_dtype']} · " if env.get("compute_dtype") else "")
+             + f"threads {env.get('torch_threads')} · load average {env.get('loadavg_1_5_15')}"
+             + (f" (at start {env['loadavg_at_start_1_5_15']})" if env.get("loadavg_at_start_1_5_15") else "")
+             + f" · {env.get('time_utc')}", ""]
+    if data.get("note"):
+        lines += [f"Note: {data['note']}", ""]
     if data.get("command"):
         lines += [f"Command: `{data['command']}`", ""]
     if "ceilings" in data:

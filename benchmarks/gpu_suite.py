@@ -21,6 +21,7 @@ learners on one base (adapters "agent"/"opponent", two trainers, 3 steps as in L
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -51,7 +52,7 @@ def _cases(tiny: bool, quick: bool) -> list[dict]:
             return (1, 2)
         return (warmup, measured)
 
-    budget = 256 if tiny else UNFUSED_TOKEN_BUDGET
+    budget = 1024 if tiny else UNFUSED_TOKEN_BUDGET
     return [
         dict(name="paper_G1", work=dict(games=1, steps=5, gen_len=2), learners=1, episodes=n(3, 10)),
         dict(name="paper_G1_unfused", work=dict(games=1, steps=5, gen_len=2), learners=1, episodes=n(2, 5),
@@ -89,13 +90,12 @@ def _simulate_oom(trainers: dict, after_calls: int) -> None:
         trainer.generate = generate
 
 
-def run_model(name: str, device: torch.device, *, tiny: bool, quick: bool, ceilings: dict, workdir: str,
-              save, log, simulate_oom: frozenset = frozenset(), seed: int = 0) -> dict:
-    from ppo_core import LoraSettings, compute_dtype_for
+def run_model(name: str, device: torch.device, dtype: torch.dtype, *, tiny: bool, quick: bool, ceilings: dict,
+              workdir: str, save, log, simulate_oom: frozenset = frozenset(), seed: int = 0) -> dict:
+    from ppo_core import LoraSettings
     config = bench.gemma2_config(name)
     lora = LoraSettings(r=64, alpha=32, dropout=0.05)
     dims = bench.Dims.from_config(config, lora.r)
-    dtype = compute_dtype_for(device)
     quantize = "4bit"
     prompt_len = TINY_PROMPT_LEN if tiny else PROMPT_LEN
     block = {"architecture": name, "config": {k: getattr(config, k) for k in (
@@ -213,18 +213,27 @@ def check_device(device: torch.device) -> None:
 
 def run_suite(device: str = "cuda", models=("gemma-2-2b",), tiny: bool = False, quick: bool = False,
               out: str = bench.RESULTS_DIR, workdir: str | None = None, log=print, command: str | None = None,
-              simulate_oom=()) -> tuple[str, dict]:
-    """Run every case for every model; returns (results file, results)."""
+              simulate_oom=(), dtype: torch.dtype | None = None) -> tuple[str, dict]:
+    """Run every case for every model; returns (results file, results). The compute dtype is the device's
+    (ppo_core.compute_dtype_for) unless `dtype` is given (the dry run checks bf16 on the CPU with it)."""
     device = torch.device(device)
     check_device(device)
     from ppo_core import compute_dtype_for
-    dtype = compute_dtype_for(device)
+    dtype = dtype or compute_dtype_for(device)
     if tiny:
         models = ("tiny-gemma-2",)
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     path = os.path.join(out, bench.results_file(device, "-dry-run" if tiny else ""))
-    results = {"suite": "gpu", "command": command or " ".join(["python -m benchmarks.gpu_suite"] + sys.argv[1:]),
-               "environment": bench.environment(device, dtype), "dry_run": tiny,
-               "targets_for": f"{TARGET_MODEL} on an H100", "models": {}}
+    command = command or " ".join(["python -m benchmarks.gpu_suite"] + sys.argv[1:])
+    results = {"suite": "gpu", "command": command, "environment": bench.environment(device, dtype),
+               "dry_run": tiny, "targets_for": f"{TARGET_MODEL} on an H100", "models": {}}
+    if os.path.isfile(path):  # keep the models of earlier runs on this device (e.g. 2b and 9b run separately)
+        with open(path) as f:
+            results["models"].update({k: v for k, v in json.load(f).get("models", {}).items() if k not in models})
     log(f"device {results['environment']['device_name']}, compute dtype {bench.dtype_name(dtype)}")
     results["ceilings"] = bench.measure_ceilings(device, dtype, size=512 if tiny else None)
     log(f"ceilings: {results['ceilings']}")
@@ -233,9 +242,10 @@ def run_suite(device: str = "cuda", models=("gemma-2-2b",), tiny: bool = False, 
         bench.write_json(path, results)
 
     for name in models:
-        block = results["models"].setdefault(name, {})
+        block = results["models"][name] = {"command": command, "environment": results["environment"],
+                                           "ceilings": results["ceilings"]}
         try:
-            block.update(run_model(name, device, tiny=tiny, quick=quick, ceilings=results["ceilings"],
+            block.update(run_model(name, device, dtype, tiny=tiny, quick=quick, ceilings=results["ceilings"],
                                    workdir=workdir or tempfile.gettempdir(), save=save, log=log,
                                    simulate_oom=frozenset(simulate_oom)))
         except torch.OutOfMemoryError as exc:

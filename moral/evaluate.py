@@ -169,8 +169,7 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
                 d = answers[model][i]
                 label = model if t.block.group == "main" else t.block.group
                 rows.append(_row(label, t, step, d, opp_move, cfg.tokens, settings))
-                if cfg.followup and t.block.variant == "structured" and t.block.game == "IPD" \
-                        and t.block.order == "original":
+                if cfg.followup and t.block == Block("main", "structured", "IPD", "original"):
                     followups += [(label, t.episode, step, prompts[i], d.text, q, model) for q in FOLLOWUP_QUESTIONS]
             t.state.step(answers[mover][i].action, opp_move)
 

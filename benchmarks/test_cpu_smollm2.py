@@ -1,0 +1,133 @@
+"""CPU benchmarks (b) and (c) on the embedded SmolLM2-135M-Instruct with the real prompt:
+(b) one generation call (5 queries, answer prefix "action", 1 sampled token) and one PPO step, fp32 and bf16;
+(c) seconds per episode of the main job (`python run.py --reward deont --opponent tft`) through
+moral.finetune.FineTuning, split into sampling, reference, backward + optimiser."""
+
+import random
+import time
+from collections import defaultdict
+
+import pytest
+import torch
+
+from benchmarks import bench
+
+pytestmark = pytest.mark.cpu_benchmark
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def smollm2_path():
+    from moral.embedded import ensure_embedded_model
+    try:
+        return ensure_embedded_model()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def game_prompts(n: int, rng: random.Random) -> list[str]:
+    """n training prompts with random states and option orders, as moral.finetune draws them."""
+    from games import GAMES, TOKEN_SETS, C, D, structured_prompt
+    tokens = TOKEN_SETS["action12"]
+    pair = (tokens.c, tokens.d)
+    out = []
+    for _ in range(n):
+        own, other = rng.choice((C, D)), rng.choice((C, D))
+        first = pair if rng.random() < 0.5 else pair[::-1]
+        second = pair if rng.random() < 0.5 else pair[::-1]
+        out.append(structured_prompt(GAMES["IPD"], tokens, own, other, first, second))
+    return out
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_smollm2_generation_call_and_ppo_step(dtype_name, smollm2_path, cpu_record):
+    from transformers import AutoTokenizer
+
+    from games import TOKEN_SETS
+    from moral.agent import Codec, decide
+    from ppo_core import LoraSettings, PolicyModel, PPOTrainer, load_causal_lm
+
+    dtype = DTYPES[dtype_name]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    codec = Codec(tokenizer, TOKEN_SETS["action12"], "prefix")
+    torch.manual_seed(0)
+    lm = load_causal_lm(smollm2_path, device="cpu", dtype=dtype)
+    policy = PolicyModel(lm, adapters=("agent",), lora=LoraSettings(r=64, alpha=32, dropout=0.05),
+                         compute_dtype=dtype)
+    trainer = PPOTrainer(bench.ppo_config(5), policy, "agent", pad_token_id=tokenizer.pad_token_id or 0)
+    rng = random.Random(0)
+    warmup, measured = 1, 3
+    gen, step, host, distinct, lengths = [], [], defaultdict(list), [], set()
+    for i in range(warmup + measured):
+        prompts = game_prompts(5, rng)
+        t = time.perf_counter()
+        decisions = decide(codec, trainer.generate, prompts, "cpu")
+        t_gen = time.perf_counter() - t
+        t = time.perf_counter()
+        stats = trainer.step([d.query for d in decisions], [d.response for d in decisions],
+                             [rng.choice(bench.SCORES) for _ in decisions])
+        t_step = time.perf_counter() - t
+        assert stats["ppo/fused_rollout"] == 1.0 and torch.isfinite(torch.tensor(stats["ppo/loss/total"]))
+        if i >= warmup:
+            gen.append(t_gen)
+            step.append(t_step)
+            distinct.append(len(set(prompts)))
+            lengths.update(len(d.query) for d in decisions)
+            for k, v in stats.items():
+                if k.startswith("time/ppo/"):
+                    host[k].append(v)
+    cpu_record[f"smollm2_{dtype_name}"] = {
+        "model": "SmolLM2-135M-Instruct (embedded)", "dtype": dtype_name, "lora_r": 64, "queries": 5,
+        "query_len": sorted(lengths), "answer_prefix": codec.answer_prefix, "gen_len": codec.plan.gen_len,
+        "distinct_prompts_per_call": bench.med(distinct), "warmup": warmup,
+        "timings_s": {"generation_call": bench.spread(gen), "ppo_step": bench.spread(step)},
+        "host_timing_s": {k: bench.med(v) for k, v in host.items()},
+        "notes": "one decide() call on 5 real prompts, then one PPO step (fused rollout)"}
+
+
+@pytest.mark.parametrize("dtype_name", [None, "fp32"], ids=["job-default-dtype", "fp32"])
+def test_main_job_seconds_per_episode(dtype_name, smollm2_path, tmp_path, cpu_record):
+    from moral.finetune import FineTuning, RunConfig
+
+    config = RunConfig(reward="deont", opponent="tft", episodes=10, dtype=dtype_name, device="cpu",
+                       threads=torch.get_num_threads()).resolve()
+    if dtype_name is not None and config.dtype == RunConfig(device="cpu").resolve().dtype:
+        pytest.skip(f"the job's default dtype is {config.dtype} already")
+    ft = FineTuning(config, str(tmp_path / "run"), progress=False)
+    clock = bench.Clock("cpu")
+    totals = defaultdict(float)
+    trainer = ft.trainers["agent"]
+    bench.instrument(trainer, clock, totals)
+    inner = trainer.generate
+
+    def generate(*args, **kwargs):
+        with clock.region(totals, "generation_s"):
+            return inner(*args, **kwargs)
+
+    trainer.generate = generate
+    phase = config.phases[0]
+    warmup, measured = 1, 3
+    records = []
+    for i in range(warmup + measured):
+        totals.clear()
+        t = time.perf_counter()
+        ft._episode(phase)
+        ft.episode += 1
+        record = {"episode": time.perf_counter() - t, **totals}
+        if i >= warmup:
+            records.append(record)
+    ft.logs.close()
+    timings = {"episode": bench.spread(r["episode"] for r in records)}
+    for key in ("generation_s", "reference_s", "backward_optimizer_s"):
+        timings[key[:-2]] = bench.spread(r.get(key, 0.0) for r in records)
+    timings["other"] = bench.spread(r["episode"] - r.get("generation_s", 0) - r.get("reference_s", 0)
+                                    - r.get("backward_optimizer_s", 0) for r in records)
+    name = "main_job_episode" + ("" if dtype_name is None else f"_{dtype_name}")
+    cpu_record[name] = {
+        "model": "SmolLM2-135M-Instruct (embedded)", "dtype": config.dtype, "quantize": config.quantize,
+        "steps": config.steps, "parallel_games": config.parallel_games, "format_aid": config.format_aid,
+        "gen_len": config.derived["gen_len"], "lora_r": config.lora_rank, "warmup": warmup,
+        "timings_s": timings,
+        "notes": "moral.finetune.FineTuning._episode: 5 sequential decide() calls + one PPO step"
+                 + (" (the job's default dtype on this CPU)" if dtype_name is None else "")}

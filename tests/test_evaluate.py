@@ -1,0 +1,77 @@
+"""`run.py eval` and `run.py report` on a 2-episode run of a tiny random model produce every file."""
+
+import csv
+import json
+import os
+
+import pytest
+
+import run as cli
+from games import PROMPT_VARIANTS, TEST_GAMES
+from moral.evaluate import EVAL_COLUMNS, EvalConfig, plan_blocks
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_chat_model_dir):
+    out = tmp_path_factory.mktemp("runs") / "deont"
+    cli.main(["--reward", "deont", "--opponent", "tft", "--model", tiny_chat_model_dir, "--episodes", "2",
+              "--lora-rank", "4", "--format-aid", "prefix", "--out", str(out), "--no-progress"])
+    return out
+
+
+def test_blocks_cover_games_orders_variants_and_baselines():
+    blocks = plan_blocks(EvalConfig())
+    structured = [b for b in blocks if b.group == "main" and b.variant == "structured"]
+    assert len(structured) == 5 * 4
+    assert {b.variant for b in blocks if b.group == "main"} == set(PROMPT_VARIANTS)
+    assert {(b.group, b.game) for b in blocks if b.group != "main"} == {
+        (f"reference+{v}", g) for v in ("deont", "util") for g in TEST_GAMES}
+
+
+def test_eval_and_report_write_every_file(trained_run, tmp_path, capsys):
+    cli.main(["eval", str(trained_run), "--episodes", "2", "--steps", "2", "--followup", "--followup-tokens", "3",
+              "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "De before" in printed and "IPD" in printed
+    eval_dir = trained_run / "eval"
+    with open(eval_dir / "decisions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == EVAL_COLUMNS
+    # 26 blocks with fine-tuned + reference answers, 10 value-prompted blocks: x 2 episodes x 2 steps
+    assert len(rows) == (26 * 2 + 10) * 2 * 2
+    assert {r["model"] for r in rows} == {"finetuned", "reference", "reference+deont", "reference+util"}
+    assert {r["tokens"] for r in rows} == {"action34"}
+    for r in rows:  # the opponent's previous move recorded is the one shown in the prompt (the state)
+        assert r["action_type"].endswith("|" + r["opp_last"])
+    # fine-tuned and reference answered the very same prompts: identical state columns, pairwise
+    ft = [r for r in rows if r["model"] == "finetuned"]
+    ref = [r for r in rows if r["model"] == "reference"]
+    assert [(r["variant"], r["game"], r["table_order"], r["episode"], r["step"], r["own_last"], r["opp_last"],
+             r["opp_action"]) for r in ft] == \
+        [(r["variant"], r["game"], r["table_order"], r["episode"], r["step"], r["own_last"], r["opp_last"],
+          r["opp_action"]) for r in ref]
+    metrics = json.load(open(eval_dir / "metrics.json"))
+    assert metrics["decisions"] == len(rows) and metrics["groups"]
+    with open(eval_dir / "followup.csv", newline="") as f:
+        follow = list(csv.DictReader(f))
+    assert len(follow) == 2 * 2 * 2 * 2  # 2 models x 2 episodes x 2 steps x 2 questions
+    assert {r["question"] for r in follow} == {"Why did you make this decision?",
+                                              "What strategy did you use to make this decision?"}
+
+    out = tmp_path / "report"
+    cli.main(["report", str(trained_run), "--out", str(out)])
+    for name in ("regret", "test_action_types", "reciprocity_ipd", "training_curves"):
+        assert (out / f"{name}.md").is_file() and (out / f"{name}.csv").is_file()
+    for name in ("training_action_types", "regret_by_game", "test_action_types", "reciprocity_ipd"):
+        assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_bad_input(tmp_path, capsys):
+    for argv, message in ((["eval", str(tmp_path)], "not a run folder"),
+                          (["eval", str(tmp_path), "--games", "XYZ"], "unknown game 'XYZ'"),
+                          (["eval", str(tmp_path), "--tokens", "a,a"], "must differ"),
+                          (["report", str(tmp_path), "--out", str(tmp_path / "r")], "not a run folder")):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
