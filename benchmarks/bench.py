@@ -437,7 +437,8 @@ def run_episode(trainers: dict, pool: list[torch.Tensor], work: Workload, rng: r
     for key in ("generation_s", "step_s", "reference_s", "backward_optimizer_s"):
         totals[key] = 0.0
     batches = {name: ([], [], []) for name in trainers}
-    distinct = {name: [] for name in trainers}
+    distinct = {name: [] for name in trainers}  # prefills per generate call
+    memoised = {name: set() for name in trainers}
     clock.sync()
     t0 = time.perf_counter()
     for _ in range(work.steps):
@@ -450,7 +451,12 @@ def run_episode(trainers: dict, pool: list[torch.Tensor], work: Workload, rng: r
             q.extend(queries)
             r.extend(rollout.responses)
             s.extend(rng.choice(SCORES) for _ in idx)
-            distinct[name].append(len(set(idx)))
+            if work.gen_len == 1 and hasattr(trainer, "_memo"):
+                # one-token answers: the trainer memoises each prefill until its optimiser step
+                distinct[name].append(len(set(idx) - memoised[name]))
+                memoised[name].update(idx)
+            else:
+                distinct[name].append(len(set(idx)))
     stats, misses = {}, {}
     for name, trainer in trainers.items():
         before = trainer.reference_cache.misses

@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -90,22 +91,25 @@ def _simulate_oom(trainers: dict, after_calls: int) -> None:
         trainer.generate = generate
 
 
-def run_model(name: str, device: torch.device, dtype: torch.dtype, *, tiny: bool, quick: bool, ceilings: dict,
-              workdir: str, save, log, simulate_oom: frozenset = frozenset(), seed: int = 0) -> dict:
+def run_model(name: str, block: dict, device: torch.device, dtype: torch.dtype, *, tiny: bool, quick: bool,
+              ceilings: dict, workdir: str, save, log, simulate_oom: frozenset = frozenset(), seed: int = 0,
+              only: tuple = (), earlier_cases: dict | None = None) -> None:
+    """Build, load and benchmark one architecture, filling `block` (part of the results; `save` writes them)."""
     from ppo_core import LoraSettings
     config = bench.gemma2_config(name)
     lora = LoraSettings(r=64, alpha=32, dropout=0.05)
     dims = bench.Dims.from_config(config, lora.r)
     quantize = "4bit"
     prompt_len = TINY_PROMPT_LEN if tiny else PROMPT_LEN
-    block = {"architecture": name, "config": {k: getattr(config, k) for k in (
+    block.update({"architecture": name, "config": {k: getattr(config, k) for k in (
                  "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "vocab_size", "final_logit_softcapping",
                  "attn_logit_softcapping", "sliding_window", "query_pre_attn_scalar")},
              "weights": "random (built from the configuration)", "quantize": "4bit NF4 (bitsandbytes)",
              "compute_dtype": bench.dtype_name(dtype), "attn_implementation": "eager", "lora_r": lora.r,
              "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "lora_params": dims.layers * dims.p_lora,
-             "frozen_matmul_params": dims.layers * dims.p_lin, "prompt_len": prompt_len, "cases": {}}
+             "frozen_matmul_params": dims.layers * dims.p_lin, "prompt_len": prompt_len,
+             "cases": dict(earlier_cases or {})})
     save()
     folder = tempfile.mkdtemp(prefix=f"{name}-", dir=workdir)
     try:
@@ -121,6 +125,8 @@ def run_model(name: str, device: torch.device, dtype: torch.dtype, *, tiny: bool
         clock = bench.Clock(device)
         dtype_bytes = torch.finfo(dtype).bits // 8
         for case in _cases(tiny, quick):
+            if only and case["name"] not in only:
+                continue
             if case["learners"] > 1 and len(policy.adapter_names) < case["learners"]:
                 policy = _two_adapter_policy(policy, folder, device, lora, quantize, dtype, log)
                 bench.free_memory(device)
@@ -135,7 +141,7 @@ def run_model(name: str, device: torch.device, dtype: torch.dtype, *, tiny: bool
                 trainers = _make_trainers(policy, case["learners"], batch, overrides, seed)
                 if case["name"] in simulate_oom and attempt == 0:
                     _simulate_oom(trainers, after_calls=2)
-                error = None
+                error, fatal = None, False
                 try:
                     warmup, measured = case["episodes"]
                     result = bench.run_case(trainers, pool, work, warmup=warmup, measured=measured, clock=clock,
@@ -143,6 +149,9 @@ def run_model(name: str, device: torch.device, dtype: torch.dtype, *, tiny: bool
                                             ceilings=ceilings, log=log)
                 except torch.OutOfMemoryError as exc:
                     error = f"out of memory: {str(exc).splitlines()[0][:200]}"
+                except Exception as exc:  # noqa: BLE001 - record it, go on with the other cases (unattended run)
+                    error, fatal = f"{type(exc).__name__}: {str(exc)[:300]}", True
+                    log(traceback.format_exc())
                 bench.release(trainers, device)
                 if result is not None:
                     result["ppo_overrides"] = overrides
@@ -152,6 +161,8 @@ def run_model(name: str, device: torch.device, dtype: torch.dtype, *, tiny: bool
                     break
                 log(f"[{name}] {case['name']}: {error}")
                 block["cases"][case["name"]] = {"games": work.games, "error": error, "ppo_overrides": overrides}
+                if fatal:
+                    break
             if result is not None:
                 block["cases"][case["name"]] = result
                 log(f"[{name}] {case['name']}: {result['s_per_episode']:.3f} s/episode, "
@@ -163,7 +174,6 @@ def run_model(name: str, device: torch.device, dtype: torch.dtype, *, tiny: bool
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         bench.free_memory(device)
-    return block
 
 
 def _two_adapter_policy(policy, folder, device, lora, quantize, dtype, log):
@@ -213,7 +223,7 @@ def check_device(device: torch.device) -> None:
 
 def run_suite(device: str = "cuda", models=("gemma-2-2b",), tiny: bool = False, quick: bool = False,
               out: str = bench.RESULTS_DIR, workdir: str | None = None, log=print, command: str | None = None,
-              simulate_oom=(), dtype: torch.dtype | None = None) -> tuple[str, dict]:
+              simulate_oom=(), dtype: torch.dtype | None = None, cases: tuple = ()) -> tuple[str, dict]:
     """Run every case for every model; returns (results file, results). The compute dtype is the device's
     (ppo_core.compute_dtype_for) unless `dtype` is given (the dry run checks bf16 on the CPU with it)."""
     device = torch.device(device)
@@ -231,9 +241,11 @@ def run_suite(device: str = "cuda", models=("gemma-2-2b",), tiny: bool = False, 
     command = command or " ".join(["python -m benchmarks.gpu_suite"] + sys.argv[1:])
     results = {"suite": "gpu", "command": command, "environment": bench.environment(device, dtype),
                "dry_run": tiny, "targets_for": f"{TARGET_MODEL} on an H100", "models": {}}
+    earlier = {}
     if os.path.isfile(path):  # keep the models of earlier runs on this device (e.g. 2b and 9b run separately)
         with open(path) as f:
-            results["models"].update({k: v for k, v in json.load(f).get("models", {}).items() if k not in models})
+            earlier = json.load(f).get("models", {})
+        results["models"].update({k: v for k, v in earlier.items() if k not in models})
     log(f"device {results['environment']['device_name']}, compute dtype {bench.dtype_name(dtype)}")
     results["ceilings"] = bench.measure_ceilings(device, dtype, size=512 if tiny else None)
     log(f"ceilings: {results['ceilings']}")
@@ -245,9 +257,10 @@ def run_suite(device: str = "cuda", models=("gemma-2-2b",), tiny: bool = False, 
         block = results["models"][name] = {"command": command, "environment": results["environment"],
                                            "ceilings": results["ceilings"]}
         try:
-            block.update(run_model(name, device, dtype, tiny=tiny, quick=quick, ceilings=results["ceilings"],
-                                   workdir=workdir or tempfile.gettempdir(), save=save, log=log,
-                                   simulate_oom=frozenset(simulate_oom)))
+            run_model(name, block, device, dtype, tiny=tiny, quick=quick, ceilings=results["ceilings"],
+                      workdir=workdir or tempfile.gettempdir(), save=save, log=log,
+                      simulate_oom=frozenset(simulate_oom), only=tuple(cases),
+                      earlier_cases=earlier.get(name, {}).get("cases") if cases else None)
         except torch.OutOfMemoryError as exc:
             block["error"] = f"out of memory: {str(exc).splitlines()[0][:200]}"
         if name in (TARGET_MODEL, "tiny-gemma-2"):
@@ -263,20 +276,29 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="gemma-2-2b",
                    help=f"comma-separated architectures: {', '.join(k for k in bench.GEMMA2_SHAPES if 'tiny' not in k)}")
     p.add_argument("--quick", action="store_true", help="1 warm-up + 2 measured episodes per case")
+    p.add_argument("--cases", default="", help=f"comma-separated subset of: "
+                   f"{', '.join(c['name'] for c in _cases(False, False))} (merged into the existing results file)")
     p.add_argument("--workdir", default=None, help="where the random checkpoint is saved (default: the temp dir)")
     p.add_argument("--bench-device", default="cuda", help=argparse.SUPPRESS)
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.tiny and args.out == bench.RESULTS_DIR:  # a dry run is not a result
+        args.out = tempfile.gettempdir()
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     unknown = [m for m in models if m not in bench.GEMMA2_SHAPES]
     if unknown:
         p.error(f"unknown model {unknown[0]!r}")
+    cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
+    known = [c["name"] for c in _cases(False, False)]
+    if any(c not in known for c in cases):
+        p.error(f"unknown case in --cases {args.cases!r}; known: {', '.join(known)}")
     path, results = run_suite(args.bench_device, models, tiny=args.tiny, quick=args.quick, out=args.out,
-                              workdir=args.workdir)
+                              workdir=args.workdir, cases=cases)
     print(f"\nresults: {path}")
     for name, block in results["models"].items():
         for target, v in block.get("targets", {}).items():
-            print(f"  {name} {target}: {v['measured']} ({v['limit']}) -> {'met' if v['met'] else 'NOT met'}")
+            verdict = "not measured" if v["met"] is None else ("met" if v["met"] else "NOT met")
+            print(f"  {name} {target}: {v['measured']} ({v['limit']}) -> {verdict}")
     return 0
 
 

@@ -106,9 +106,9 @@ class Decision:
     p_d: float | None = None
 
 
-def decide(codec: Codec, sampler, prompts: list[str], device) -> list[Decision]:
+def decide(codec: Codec, sampler, prompts: list[str]) -> list[Decision]:
     """Answer a batch of prompts with one sampling call. sampler(queries, max_new_tokens=n, probe_tokens=...)."""
-    queries = [codec.query(p, device) for p in prompts]
+    queries = [codec.query(p) for p in prompts]  # host tensors: ppo_core keys them on the CPU
     probe = codec.probe_tokens
     rollout = sampler(queries, max_new_tokens=codec.plan.gen_len, probe_tokens=probe)
     probs = rollout.probe_logprobs.exp().tolist() if probe else [(None, None)] * len(queries)

@@ -158,10 +158,8 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
     for step in tqdm(range(cfg.steps), disable=not progress, desc="eval steps"):
         prompts = [t.prompt(tokens) for t in trajectories]
         main = [i for i, t in enumerate(trajectories) if t.block.group == "main"]
-        answers = {"finetuned": dict(zip(main, decide(codec, sampler("finetuned"), [prompts[i] for i in main],
-                                                     policy.device))),
-                   "reference": dict(zip(range(len(prompts)), decide(codec, sampler("reference"), prompts,
-                                                                     policy.device)))}
+        answers = {"finetuned": dict(zip(main, decide(codec, sampler("finetuned"), [prompts[i] for i in main]))),
+                   "reference": dict(enumerate(decide(codec, sampler("reference"), prompts)))}
         for i, t in enumerate(trajectories):
             opp_move = t.opponent.move(t.state.agent_last, t.state.opp_last, t.streams["opponent"])
             mover = "finetuned" if t.block.group == "main" else "reference"

@@ -422,7 +422,7 @@ class FineTuning:
 
     def _answer(self, learner: str, games, views) -> list:
         prompts = [self._prompt(g, own, other) for g, (own, other) in zip(games, views)]
-        return decide(self.codec, self.trainers[learner].generate, prompts, self.device)
+        return decide(self.codec, self.trainers[learner].generate, prompts)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def _checkpoint_dir(self) -> str:

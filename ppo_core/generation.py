@@ -15,7 +15,7 @@ from .functional import entropy_from_logits, logprobs_from_logits
 class Rollout:
     """Sampled responses. R = longest response; mask [B, R] marks real tokens."""
     responses: list[torch.Tensor]
-    """Each [R_i] long: the sampled tokens (with the EOS token when stopping at EOS)."""
+    """Each [R_i] long, on the CPU: the sampled tokens (with the EOS token when stopping at EOS)."""
     logprobs: torch.Tensor
     """[B, R] float32, detached: log-probs of the sampled tokens at the sampling temperature, unfiltered by
     top-k/top-p (the distribution the trainer optimises; identical to the sampling one when no filter is on)."""
@@ -56,8 +56,8 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
            top_k: int = 0, top_p: float = 1.0, stop_at_eos: bool = False, eos_token_id=None,
            pad_token_id: int = 0, generator: torch.Generator | None = None, keep_graph: bool = False,
            memo: dict | None = None, probe_tokens: list[int] | None = None) -> Rollout:
-    """Sample responses for ragged queries (each [L_i] long) with the policy's active adapter (or inside
-    ``policy.reference()``).
+    """Sample responses for ragged queries (each [L_i] long, preferably on the CPU: they are keyed on the host)
+    with the policy's active adapter (or inside ``policy.reference()``). Responses come back as CPU tensors.
 
     Fixed-length mode (default, as in the paper): exactly max_new_tokens per query, EOS does not stop.
     stop_at_eos=True: a response ends with its first EOS token (kept) or at max_new_tokens.
@@ -74,8 +74,8 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
     device = policy.device
     eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                            device=device, dtype=torch.long)
-    keys, inverse = unique_sequences([tuple(q.tolist()) for q in queries])
-    inverse = torch.tensor(inverse, device=device)
+    keys, inverse_list = unique_sequences([tuple(q.tolist()) for q in queries])  # CPU queries: no device sync
+    inverse = torch.tensor(inverse_list, device=device)
     use_memo = memo is not None and max_new_tokens == 1
 
     with torch.set_grad_enabled(keep_graph):
@@ -92,8 +92,8 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
                 for j, k in enumerate(todo):
                     memo[k] = (new_logits[j], None if new_values is None else new_values[j])
         if use_memo:
-            step_logits = torch.stack([memo[keys[i]][0] for i in inverse.tolist()])
-            step_values = torch.stack([memo[keys[i]][1] for i in inverse.tolist()]) if keep_graph else None
+            step_logits = torch.stack([memo[keys[i]][0] for i in inverse_list])
+            step_values = torch.stack([memo[keys[i]][1] for i in inverse_list]) if keep_graph else None
         else:  # todo == keys: rows of the prefill are the distinct queries
             step_logits, step_values = new_logits[inverse], (new_values[inverse] if keep_graph else None)
             if max_new_tokens > 1:
@@ -127,8 +127,8 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
             step_values = policy.values(hidden[:, -1]) if keep_graph else None
 
     mask = torch.stack(alive, dim=1).float()
-    token_mat = torch.stack(tokens, dim=1)
-    lengths = mask.sum(1).long().tolist()
+    token_mat = torch.stack(tokens, dim=1).cpu()  # one transfer; responses live on the host, like queries
+    lengths = mask.sum(1).long().cpu().tolist()
     logprobs = torch.stack(logps, dim=1) * mask
     return Rollout(
         responses=[token_mat[i, :n] for i, n in enumerate(lengths)],

@@ -107,6 +107,9 @@ class PPOTrainer:
         self.shuffle_generator = torch.Generator().manual_seed(config.seed)
         self.reference_cache = reference_cache or ReferenceCache(config.reference_cache_mb)
         self.pad_multiple = 8 if device.type == "cuda" else 1
+        # fp16 compute (V100): scale the loss so that small LoRA gradients do not underflow
+        self.scaler = torch.amp.GradScaler(device.type) \
+            if getattr(policy, "compute_dtype", None) == torch.float16 else None
         self.chunk_tokens = config.micro_batch_tokens
         self.step_count = 0
         self.counters = {"oom_backoffs": 0, "skipped_steps": 0, "nonfinite_steps": 0}
@@ -163,9 +166,8 @@ class PPOTrainer:
         queries, responses, raw_scores = self._check_inputs(queries, responses, scores)
         B, device = len(queries), self.policy.device
         R = max(len(r) for r in responses)
-        mask = torch.zeros(B, R, device=device)
-        for i, r in enumerate(responses):
-            mask[i, :len(r)] = 1
+        lengths = torch.tensor([len(r) for r in responses])
+        mask = (torch.arange(R)[None, :] < lengths[:, None]).float().to(device)
         if sum(len(r) for r in responses) < 2:
             raise ValueError("advantage whitening needs at least 2 response tokens in a batch")
 
@@ -288,7 +290,7 @@ class PPOTrainer:
                     prefix += (token,)
         index = sorted(rows)
         table = torch.stack([rows[key] for key in index])                              # [N, V]
-        tokens = torch.stack([responses[i][j] for i, j in index])                      # [N]
+        tokens = torch.stack([responses[i][j] for i, j in index]).to(table.device)     # [N]
         ref_logprobs = torch.zeros(len(queries), R, device=table.device)
         rows_i = torch.tensor([i for i, _ in index], device=table.device)
         rows_j = torch.tensor([j for _, j in index], device=table.device)
@@ -313,7 +315,7 @@ class PPOTrainer:
                         loss, st = self._loss(self._select(batch, mb), graph[0][mb], graph[1][mb], graph[2][mb],
                                               batch["mask"][mb].sum())
                         total, _ = total + loss / k, parts.append(st)
-                    total.backward()
+                    self._backward(total)
                 else:
                     parts = [self._micro_batch_backward(queries, responses, batch, mb, k) for mb in micro_batches]
                 break
@@ -324,17 +326,23 @@ class PPOTrainer:
                 elif not self._halve_budget(queries, responses):
                     raise
         st = {name: torch.stack([p[name] for p in parts]).mean() for name in parts[0]}
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         if cfg.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         st["grad_norm"] = grad_norm
-        nonfinite = ~torch.isfinite(grad_norm) | ~torch.isfinite(st["loss/total"])
-        skip = nonfinite | (st["policy/ratio"] > cfg.ratio_threshold)
-        nonfinite, skip = bool(nonfinite), bool(skip)  # the one host sync per optimiser step
+        bad_grad, bad_loss = ~torch.isfinite(grad_norm), ~torch.isfinite(st["loss/total"])
+        skip = bad_grad | bad_loss | (st["policy/ratio"] > cfg.ratio_threshold)
+        bad_grad, bad_loss, skip = bool(bad_grad), bool(bad_loss), bool(skip)  # the one host sync per step
+        # with loss scaling, an overflowing gradient is the scaler's signal to lower the scale, not a fault
+        nonfinite = bad_loss or (bad_grad and self.scaler is None)
         if skip:
             self.optimizer.zero_grad(set_to_none=True)
             self.counters["skipped_steps"] += 1
+            if self.scaler is not None:
+                self.scaler.update()
             if nonfinite:
                 self.counters["nonfinite_steps"] += 1
                 self._consecutive_nonfinite += 1
@@ -343,9 +351,16 @@ class PPOTrainer:
                                          f"loss or gradients; stopping (try a lower learning rate)")
         else:
             self._consecutive_nonfinite = 0
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
         self._memo.clear()  # the weights changed: earlier prefills are stale
         return st
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def _micro_batch_backward(self, queries, responses, batch, mb: torch.Tensor, k: int):
         """Forward + backward of one micro-batch in token-budget chunks. Chunk losses and stats are masked sums
@@ -359,7 +374,7 @@ class PPOTrainer:
                 sel = torch.tensor(chunk, device=mb.device)
                 loss, st = self._loss(self._select(batch, sel), out["logprobs"], out["values"], out["entropy"],
                                       n_tokens)
-                (loss / k).backward()
+                self._backward(loss / k)
                 parts.append(st)
         return {name: torch.stack([p[name] for p in parts]).sum() for name in parts[0]}
 
@@ -417,8 +432,7 @@ class PPOTrainer:
                              f"{len(queries)}, {len(responses)} and {len(scores)}")
         if len(queries) != self.config.batch_size:
             raise ValueError(f"got a batch of {len(queries)} samples, config.batch_size is {self.config.batch_size}")
-        device = self.policy.device
-        checked = []
+        checked = []  # token ids stay on the host (they are keys); forward passes copy them to the device
         for name, seqs in (("query", queries), ("response", responses)):
             out = []
             for i, s in enumerate(seqs):
@@ -428,7 +442,7 @@ class PPOTrainer:
                                      f"and dtype {s.dtype}")
                 if len(s) == 0:
                     raise ValueError(f"{name} {i} is empty")
-                out.append(s.to(device=device, dtype=torch.long))
+                out.append(s.to(device="cpu", dtype=torch.long))
             checked.append(out)
         if torch.is_tensor(scores):
             scores = scores.detach().to(torch.float64).reshape(-1).cpu()
@@ -479,7 +493,8 @@ class PPOTrainer:
                 "score_moments": self.score_moments.state_dict(), "step_count": self.step_count,
                 "sample_generator": self.sample_generator.get_state(),
                 "shuffle_generator": self.shuffle_generator.get_state(), "counters": dict(self.counters),
-                "chunk_tokens": self.chunk_tokens}
+                "chunk_tokens": self.chunk_tokens,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -490,4 +505,6 @@ class PPOTrainer:
         self.shuffle_generator.set_state(state["shuffle_generator"])
         self.counters.update(state["counters"])
         self.chunk_tokens = state["chunk_tokens"]
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.discard_rollouts()

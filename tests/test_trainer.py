@@ -253,3 +253,23 @@ def test_bad_inputs_raise_value_error(mutate, message):
     _, trainer = make(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1))
     with pytest.raises(ValueError, match=message):
         trainer.step(*mutate(*fixed_batch(4)))
+
+
+def test_fp16_compute_uses_loss_scaling_and_updates():
+    """fp16 compute (V100) scales the loss; the update stays finite and moves the adapter."""
+    from ppo_core import LoraSettings, PolicyModel
+    torch.manual_seed(1)
+    policy = PolicyModel(tiny_llama(0), adapters=("agent",), lora=LoraSettings(r=8, alpha=16),
+                         compute_dtype=torch.float16)
+    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-2), policy,
+                         "agent")
+    assert trainer.scaler is not None
+    before = lora_params(policy)
+    for seed in range(3):
+        queries = random_queries(4, seed=seed)
+        rollout = trainer.generate(queries, max_new_tokens=2)
+        trainer.step(queries, rollout.responses, [1.0, -1.0, 0.5, 0.0])
+    after = lora_params(policy)
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    assert trainer.state_dict()["scaler"]["scale"] > 0

@@ -1,0 +1,65 @@
+"""Exact probability that a model answers the training prompt legally, with and without the answer prefix.
+
+    python -m moral.diagnostics [--model ID_OR_FOLDER] [--tokens action12]
+
+Averages over the 16 distinct training prompts (4 states x 2 x 2 option orders), no sampling noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from games import GAMES, C, D, get_tokens, structured_prompt
+
+from .agent import Codec
+
+
+@torch.no_grad()
+def answer_probabilities(policy, tokenizer, tokens, format_aid: str) -> dict:
+    """Mean over the 16 training prompts of P(C string), P(D string) and P(legal) as the next tokens."""
+    codec = Codec(tokenizer, tokens, format_aid)
+    prefix = len(codec.plan.prefix_ids)
+    totals = {"p_c": 0.0, "p_d": 0.0}
+    pair = (tokens.c, tokens.d)
+    prompts = [structured_prompt(GAMES["IPD"], tokens, own, other, first, second)
+               for own, other in itertools.product((C, D), (C, D))
+               for first in (pair, pair[::-1]) for second in (pair, pair[::-1])]
+    for prompt in prompts:
+        query = codec.query(prompt, policy.device)
+        for key, ids in zip(("p_c", "p_d"), codec.plan.action_ids):
+            rest = torch.tensor(ids[prefix:], device=policy.device)
+            out = policy.forward_responses([query], [rest], with_values=False)
+            totals[key] += float(out["logprobs"].sum().exp()) / len(prompts)
+    totals["p_legal"] = totals["p_c"] + totals["p_d"]
+    totals["query_tokens"] = len(codec.query(prompts[0]))
+    totals["sampled_tokens"] = codec.plan.gen_len
+    return totals
+
+
+def main(argv=None) -> None:
+    from transformers import AutoTokenizer
+
+    from ppo_core import LoraSettings, PolicyModel, load_causal_lm
+
+    from .embedded import EMBEDDED_MODEL, ensure_embedded_model
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=EMBEDDED_MODEL)
+    p.add_argument("--tokens", default="action12")
+    args = p.parse_args(argv)
+    path = ensure_embedded_model() if args.model == EMBEDDED_MODEL else args.model
+    policy = PolicyModel(load_causal_lm(path), adapters=("agent",), lora=LoraSettings(r=1))  # LoRA B = 0: the base
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokens = get_tokens(args.tokens)
+    print(f"{'format aid':>10} {'query tok':>9} {'sampled':>7} {'P(C)':>8} {'P(D)':>8} {'P(legal)':>8}")
+    for aid in ("none", "prefix"):
+        r = answer_probabilities(policy, tokenizer, tokens, aid)
+        print(f"{aid:>10} {r['query_tokens']:9d} {r['sampled_tokens']:7d} {r['p_c']:8.4f} {r['p_d']:8.4f} "
+              f"{r['p_legal']:8.4f}")
+
+
+if __name__ == "__main__":
+    main()
