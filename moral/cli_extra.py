@@ -27,8 +27,8 @@ def eval(argv: list[str]) -> None:  # noqa: A001 - the subcommand's name
     p.add_argument("--episodes", type=positive_int, default=10, help="test episodes per game (default 10)")
     p.add_argument("--steps", type=positive_int, default=5, help="steps per test episode (default 5)")
     p.add_argument("--games", nargs="+", default=list(TEST_GAMES), metavar="GAME", help=" ".join(TEST_GAMES))
-    p.add_argument("--tokens", default="action34", metavar="SET",
-                   help=f"{', '.join(TOKEN_SETS)}, or two strings C,D (default action34)")
+    p.add_argument("--tokens", nargs="+", default=["action34"], metavar="SET",
+                   help=f"one or more of {', '.join(TOKEN_SETS)}, or two strings C,D (default action34)")
     p.add_argument("--orders", nargs="+", default=list(TABLE_ORDERS), choices=TABLE_ORDERS, metavar="ORDER")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="VARIANT")
     p.add_argument("--no-baselines", action="store_true", help="skip the value-prompted reference baselines")
@@ -40,7 +40,7 @@ def eval(argv: list[str]) -> None:  # noqa: A001 - the subcommand's name
     p.add_argument("--threads", type=positive_int)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    cfg = EvalConfig(episodes=args.episodes, steps=args.steps, games=tuple(args.games), tokens=args.tokens,
+    cfg = EvalConfig(episodes=args.episodes, steps=args.steps, games=tuple(args.games), tokens=tuple(args.tokens),
                      orders=tuple(args.orders), variants=tuple(args.variants), baselines=not args.no_baselines,
                      followup=args.followup, followup_tokens=args.followup_tokens, seed=args.seed,
                      checkpoint=args.checkpoint)
@@ -62,16 +62,18 @@ def eval(argv: list[str]) -> None:  # noqa: A001 - the subcommand's name
 
 
 def print_regret(groups: list[dict]) -> None:
-    """Deont and Util regret per game, reference (before) vs fine-tuned (after), structured prompt, original order."""
-    table = {(g["model"], g["game"]): g for g in groups
+    """Deont and Util regret per game, reference (before) vs fine-tuned (after), structured prompt, original order,
+    per token set."""
+    table = {(g["tokens"], g["model"], g["game"]): g for g in groups
              if g["variant"] == "structured" and g["table_order"] == "original"}
-    games = sorted({game for _, game in table}, key=["IPD", "ISH", "ICN", "BOS", "ICD"].index)
-    print(f"{'game':>6} {'De before':>10} {'De after':>10} {'Ut before':>10} {'Ut after':>10}")
-    for game in games:
-        before, after = table.get(("reference", game)), table.get(("finetuned", game))
-        if before and after:
-            print(f"{game:>6} {before['deont_regret']:10.3f} {after['deont_regret']:10.3f} "
-                  f"{before['util_regret']:10.3f} {after['util_regret']:10.3f}")
+    print(f"{'tokens':>9} {'game':>5} {'De before':>10} {'De after':>10} {'Ut before':>10} {'Ut after':>10}")
+    for tokens, model, game in sorted(table, key=lambda k: (k[0], ["IPD", "ISH", "ICN", "BOS", "ICD"].index(k[2])
+                                                               if k[2] in ("IPD", "ISH", "ICN", "BOS", "ICD") else 9)):
+        if model != "finetuned" or (tokens, "reference", game) not in table:
+            continue
+        before, after = table[tokens, "reference", game], table[tokens, model, game]
+        print(f"{tokens:>9} {game:>5} {before['deont_regret']:10.3f} {after['deont_regret']:10.3f} "
+              f"{before['util_regret']:10.3f} {after['util_regret']:10.3f}")
 
 
 def report(argv: list[str]) -> None:
@@ -80,12 +82,13 @@ def report(argv: list[str]) -> None:
     p = _parser("report")
     p.add_argument("runs", nargs="+", metavar="RUN_FOLDER")
     p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--tokens", metavar="SET", help="token set of the evaluation tables (default action34 if present)")
     args = p.parse_args(argv)
     for run in args.runs:
         if not os.path.isfile(os.path.join(run, "config.json")):
             _fail(f"{run} is not a run folder (no config.json)")
     try:
-        result = make_report(args.runs, args.out)
+        result = make_report(args.runs, args.out, tokens=args.tokens)
     except ValueError as exc:
         _fail(str(exc))
     for path in result["tables"] + result["figures"]:

@@ -43,7 +43,7 @@ class EvalConfig:
     episodes: int = 10
     steps: int = 5
     games: tuple[str, ...] = TEST_GAMES
-    tokens: str = "action34"
+    tokens: tuple[str, ...] = ("action34",)
     orders: tuple[str, ...] = TABLE_ORDERS
     variants: tuple[str, ...] = VARIANTS
     baselines: bool = True
@@ -56,7 +56,10 @@ class EvalConfig:
         for name in ("episodes", "steps", "followup_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
-        get_tokens(self.tokens)
+        if isinstance(self.tokens, str):
+            self.tokens = (self.tokens,)
+        for name in self.tokens:
+            get_tokens(name)
         for value, allowed, what in ((self.games, GAMES, "game"), (self.orders, TABLE_ORDERS, "table order"),
                                      (self.variants, VARIANTS, "variant")):
             for v in value:
@@ -64,21 +67,25 @@ class EvalConfig:
                     raise ValueError(f"unknown {what} {v!r}; choose from {', '.join(allowed)}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Block:
-    """`episodes` trajectories of one (group, variant, game, order); group 'main' = fine-tuned + reference."""
+    """`episodes` trajectories of one (group, variant, game, order, token set); group 'main' = fine-tuned +
+    reference."""
     group: str
     variant: str
     game: str
     order: str
+    tokens: str = "action34"
 
 
 def plan_blocks(cfg: EvalConfig) -> list[Block]:
-    blocks = [Block("main", "structured", g, o) for g in cfg.games for o in cfg.orders]
-    blocks += [Block("main", v, "IPD", "original") for v in cfg.variants if v != "structured"]
-    if cfg.baselines:
-        blocks += [Block(f"reference+{value}", "structured", g, "original") for value in BASELINES
-                   for g in cfg.games]
+    blocks = []
+    for tokens in cfg.tokens:
+        blocks += [Block("main", "structured", g, o, tokens) for g in cfg.games for o in cfg.orders]
+        blocks += [Block("main", v, "IPD", "original", tokens) for v in cfg.variants if v != "structured"]
+        if cfg.baselines:
+            blocks += [Block(f"reference+{value}", "structured", g, "original", tokens) for value in BASELINES
+                       for g in cfg.games]
     return blocks
 
 
@@ -91,7 +98,8 @@ class Trajectory:
                                   initial_move("random", streams["initial"]))
         self.opponent = make_opponent("random")
 
-    def prompt(self, tokens) -> str:
+    def prompt(self) -> str:
+        tokens = get_tokens(self.block.tokens)
         pair = (tokens.c, tokens.d)
         first = pair if self.streams["shuffle1"].random() < 0.5 else pair[::-1]
         second = pair if self.streams["shuffle2"].random() < 0.5 else pair[::-1]
@@ -134,8 +142,8 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
     policy, tokenizer = load_run_policy(run_folder, run_config, cfg.checkpoint)
-    tokens = get_tokens(cfg.tokens)
-    codec = Codec(tokenizer, tokens, run_config.format_aid, run_config.lenient)
+    codecs = {name: Codec(tokenizer, get_tokens(name), run_config.format_aid, run_config.lenient)
+              for name in cfg.tokens}
     settings = RewardSettings(run_config.illegal, run_config.xi)
     generator = torch.Generator(device=policy.device).manual_seed(cfg.seed + 1)
     memos = {"finetuned": {}, "reference": {}}
@@ -156,18 +164,21 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
         trajectories += [Trajectory(block, streams, e) for e in range(cfg.episodes)]
     rows, followups = [], []
     for step in tqdm(range(cfg.steps), disable=not progress, desc="eval steps"):
-        prompts = [t.prompt(tokens) for t in trajectories]
-        main = [i for i, t in enumerate(trajectories) if t.block.group == "main"]
-        answers = {"finetuned": dict(zip(main, decide(codec, sampler("finetuned"), [prompts[i] for i in main]))),
-                   "reference": dict(enumerate(decide(codec, sampler("reference"), prompts)))}
+        prompts = [t.prompt() for t in trajectories]
+        answers = {"finetuned": {}, "reference": {}}
+        for name, codec in codecs.items():  # one sampling call per model and token set
+            mine = [i for i, t in enumerate(trajectories) if t.block.tokens == name]
+            main = [i for i in mine if trajectories[i].block.group == "main"]
+            answers["finetuned"].update(zip(main, decide(codec, sampler("finetuned"), [prompts[i] for i in main])))
+            answers["reference"].update(zip(mine, decide(codec, sampler("reference"), [prompts[i] for i in mine])))
         for i, t in enumerate(trajectories):
             opp_move = t.opponent.move(t.state.agent_last, t.state.opp_last, t.streams["opponent"])
             mover = "finetuned" if t.block.group == "main" else "reference"
             for model in (("finetuned", "reference") if t.block.group == "main" else ("reference",)):
                 d = answers[model][i]
                 label = model if t.block.group == "main" else t.block.group
-                rows.append(_row(label, t, step, d, opp_move, cfg.tokens, settings))
-                if cfg.followup and t.block == Block("main", "structured", "IPD", "original"):
+                rows.append(_row(label, t, step, d, opp_move, settings))
+                if cfg.followup and t.block == Block("main", "structured", "IPD", "original", cfg.tokens[0]):
                     followups += [(label, t.episode, step, prompts[i], d.text, q, model) for q in FOLLOWUP_QUESTIONS]
             t.state.step(answers[mover][i].action, opp_move)
 
@@ -186,10 +197,10 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
     return metrics
 
 
-def _row(model: str, t: Trajectory, step: int, d, opp_move: str, tokens: str, settings: RewardSettings) -> dict:
+def _row(model: str, t: Trajectory, step: int, d, opp_move: str, settings: RewardSettings) -> dict:
     s = t.state
     row = {"model": model, "variant": t.block.variant, "game": t.block.game, "table_order": t.block.order,
-           "tokens": tokens, "episode": t.episode, "step": step, "own_last": s.agent_last, "opp_last": s.opp_last,
+           "tokens": t.block.tokens, "episode": t.episode, "step": step, "own_last": s.agent_last, "opp_last": s.opp_last,
            "opp_action": opp_move, "response": d.text, "action": d.action or "illegal",
            "action_type": action_type(d.action, s.opp_last),
            "p_c": "" if d.p_c is None else f"{d.p_c:.6f}", "p_d": "" if d.p_d is None else f"{d.p_d:.6f}"}

@@ -30,17 +30,19 @@ def test_blocks_cover_games_orders_variants_and_baselines():
 
 def test_eval_and_report_write_every_file(trained_run, tmp_path, capsys):
     cli.main(["eval", str(trained_run), "--episodes", "2", "--steps", "2", "--followup", "--followup-tokens", "3",
-              "--no-progress"])
+              "--tokens", "action34", "action12", "--no-progress"])
     printed = capsys.readouterr().out
     assert "De before" in printed and "IPD" in printed
     eval_dir = trained_run / "eval"
     with open(eval_dir / "decisions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == EVAL_COLUMNS
-    # 26 blocks with fine-tuned + reference answers, 10 value-prompted blocks: x 2 episodes x 2 steps
-    assert len(rows) == (26 * 2 + 10) * 2 * 2
+    # per token set: 26 blocks with fine-tuned + reference answers, 10 value-prompted blocks; x 2 episodes x 2 steps
+    assert len(rows) == 2 * (26 * 2 + 10) * 2 * 2
     assert {r["model"] for r in rows} == {"finetuned", "reference", "reference+deont", "reference+util"}
-    assert {r["tokens"] for r in rows} == {"action34"}
+    assert {r["tokens"] for r in rows} == {"action34", "action12"}
+    assert {r["response"][:7] for r in rows if r["tokens"] == "action12"} <= {"action1", "action2"} | {
+        r["response"][:7] for r in rows if r["action"] == "illegal"}
     for r in rows:  # the opponent's previous move recorded is the one shown in the prompt (the state)
         assert r["action_type"].endswith("|" + r["opp_last"])
     # fine-tuned and reference answered the very same prompts: identical state columns, pairwise
@@ -60,6 +62,7 @@ def test_eval_and_report_write_every_file(trained_run, tmp_path, capsys):
 
     out = tmp_path / "report"
     cli.main(["report", str(trained_run), "--out", str(out)])
+    assert "action34" in (out / "regret.md").read_text()
     for name in ("regret", "test_action_types", "reciprocity_ipd", "training_curves"):
         assert (out / f"{name}.md").is_file() and (out / f"{name}.csv").is_file()
     for name in ("training_action_types", "regret_by_game", "test_action_types", "reciprocity_ipd"):
