@@ -62,7 +62,7 @@ def test_smollm2_generation_call_and_ppo_step(dtype_name, smollm2_path, cpu_reco
     for i in range(warmup + measured):
         prompts = game_prompts(5, rng)
         t = time.perf_counter()
-        decisions = decide(codec, trainer.generate, prompts, "cpu")
+        decisions = decide(codec, trainer.generate, prompts)
         t_gen = time.perf_counter() - t
         t = time.perf_counter()
         stats = trainer.step([d.query for d in decisions], [d.response for d in decisions],

@@ -115,7 +115,7 @@ class PPOTrainer:
         self.counters = {"oom_backoffs": 0, "skipped_steps": 0, "nonfinite_steps": 0}
         self._consecutive_nonfinite = 0
         self._memo: dict = {}    # query -> first-token (logits, value), valid until the next optimiser step
-        self._fused: dict = {}   # (query + response) -> (logprobs [R], values [R], entropy [R]) with graph
+        self._fused: dict = {}   # (query, response) -> (logprobs [R], values [R], entropy [R]) with graph
 
     # ---------------------------------------------------------------------------------------------- rollout
     @property
@@ -138,7 +138,7 @@ class PPOTrainer:
         if keep:
             for i, (q, r) in enumerate(zip(queries, rollout.responses)):
                 n = len(r)
-                self._fused[tuple(q.tolist()) + tuple(r.tolist())] = (
+                self._fused[(tuple(q.tolist()), tuple(r.tolist()))] = (
                     rollout.logprobs_graph[i, :n], rollout.values_graph[i, :n], rollout.entropy[i, :n])
         return rollout
 
@@ -177,7 +177,7 @@ class PPOTrainer:
 
         # ALGO LOGIC: 2. rollout ("old") log-probs and values; 3. reference log-probs
         t = time.perf_counter()
-        keys = [tuple(q.tolist()) + tuple(r.tolist()) for q, r in zip(queries, responses)]
+        keys = [(tuple(q.tolist()), tuple(r.tolist())) for q, r in zip(queries, responses)]
         fused = self.fusable and all(k in self._fused for k in keys)
         graph, old_full = None, None
         if fused:
