@@ -217,6 +217,9 @@ class FineTuning:
 
     def __init__(self, config: RunConfig, folder: str, resume: bool = False, progress: bool = True):
         self.config, self.folder, self.progress = config, folder, progress
+        # From here on SIGINT/SIGTERM only ask the run to stop after the current episode (train() restores them).
+        self._stop_signal = None
+        self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = torch.device(config.device)
@@ -234,7 +237,7 @@ class FineTuning:
         if len(learners) > 1:  # one frozen base, one reference cache
             self.trainers["opponent"].reference_cache = self.trainers["agent"].reference_cache
         self.codec = Codec(self.tokenizer, self.tokens, config.format_aid, config.lenient)
-        self.episode, self._stop_signal = 0, None
+        self.episode = 0
         self.skipped_nonfinite_rewards = 0  # PPO steps skipped because a reward was NaN or infinite
         self._nonfinite_streak = 0
         config.derived.update({"answer_prefix": self.codec.answer_prefix, "gen_len": self.codec.plan.gen_len,
@@ -274,9 +277,6 @@ class FineTuning:
         window: list[list[str]] = []
         bar = tqdm(total=c.episodes, initial=self.episode, disable=not self.progress, dynamic_ncols=True,
                    desc=f"{c.reward} vs {c.opponent}")
-        previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
-        for sig in previous:
-            signal.signal(sig, self._on_signal)
         t_start = time.perf_counter()
         try:
             self._loop(bar, window)
@@ -289,7 +289,7 @@ class FineTuning:
                 from None
         finally:
             bar.close()
-            for sig, handler in previous.items():
+            for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, handler)
         summary = summarise(self.folder, c, wall_s=time.perf_counter() - t_start)
         summary["skipped_nonfinite_rewards"] = self.skipped_nonfinite_rewards

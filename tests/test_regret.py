@@ -235,7 +235,7 @@ def test_per_run_metrics_groups(tmp_path):
 
 
 def test_report_two_runs(tmp_path):
-    plt_image = pytest.importorskip("matplotlib.image")
+    import matplotlib.image as plt_image  # a test dependency (setup.cfg [test]): figure checks never skip
     runs = [write_run(tmp_path / f"seed{s}", "deont", seed=s) for s in (0, 1)]
     out = tmp_path / "report"
     result = report(runs, str(out))
@@ -294,7 +294,6 @@ def test_report_schedules_opponents_and_no_matplotlib(tmp_path, monkeypatch):
 
 
 def test_report_without_eval(tmp_path):
-    pytest.importorskip("matplotlib")
     folder = write_run(tmp_path / "run")
     os.remove(os.path.join(folder, "eval", "decisions.csv"))
     result = report([folder], str(tmp_path / "out"))
