@@ -135,6 +135,23 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
 
 
+def saved_graph_mb(fn, params) -> tuple[object, float]:
+    """Run fn() and measure the memory its autograd graphs save for backward: MB of the distinct storages the
+    graphs keep, model parameters excluded (they exist anyway). Returns (fn's result, MB)."""
+    own = {p.untyped_storage().data_ptr() for p in params}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return result, sum(kept.values()) / 1e6
+
+
 def free_memory(device: torch.device | None = None) -> None:
     gc.collect()
     if device is not None and torch.device(device).type == "cuda":

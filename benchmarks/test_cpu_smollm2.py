@@ -117,6 +117,21 @@ def test_main_job_seconds_per_episode(dtype_name, smollm2_path, tmp_path, cpu_re
         record = {"episode": time.perf_counter() - t, **totals}
         if i >= warmup:
             records.append(record)
+    # the graph an episode's rollout keeps for its update (5 sequential answers to 5 distinct prompts), with the
+    # LoRA weights' low-precision casts shared by the calls (the default), then with one cast per call
+    from moral.agent import decide
+    prompts = sorted(set(game_prompts(12, random.Random(1))))[:5]
+
+    def rollout():
+        for prompt in prompts:
+            decide(ft.codec, trainer.generate, [prompt])
+
+    graph_mb = {}
+    for label in ("shared_casts", "per_call_casts"):
+        if label == "per_call_casts":
+            ft.policy.hold_casts = lambda owner: None
+        _, graph_mb[label] = bench.saved_graph_mb(rollout, list(ft.policy.parameters()))
+        trainer.discard_rollouts()
     ft.logs.close()
     timings = {"episode": bench.spread(r["episode"] for r in records)}
     for key in ("generation_s", "reference_s", "backward_optimizer_s"):
@@ -128,6 +143,6 @@ def test_main_job_seconds_per_episode(dtype_name, smollm2_path, tmp_path, cpu_re
         "model": "SmolLM2-135M-Instruct (embedded)", "dtype": config.dtype, "quantize": config.quantize,
         "steps": config.steps, "parallel_games": config.parallel_games, "format_aid": config.format_aid,
         "gen_len": config.derived["gen_len"], "lora_r": config.lora_rank, "warmup": warmup,
-        "timings_s": timings,
+        "timings_s": timings, "graph_saved_mb": graph_mb,
         "notes": "moral.finetune.FineTuning._episode: 5 sequential decide() calls + one PPO step"
                  + (" (the job's default dtype on this CPU)" if dtype_name is None else "")}

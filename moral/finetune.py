@@ -289,6 +289,8 @@ class FineTuning:
                 from None
         finally:
             bar.close()
+            for trainer in self.trainers.values():  # an episode cut short leaves kept graphs and weight casts
+                trainer.discard_rollouts()
             for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, handler)
         summary = summarise(self.folder, c, wall_s=time.perf_counter() - t_start)

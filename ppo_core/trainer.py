@@ -4,6 +4,7 @@ rewards -> GAE -> epochs x optimiser steps x micro-batches of the clipped loss -
 Every formula lives in functional.py; this file is the order in which they run, plus the exact shortcuts:
 - the sampling pass is reused as the loss's forward pass when the step makes exactly one optimiser step
   (ppo_epochs=1, one backward batch): dropout is off, so the rollout log-probs *are* the new log-probs;
+- the rollout's forward calls share one low-precision copy of the LoRA weights (autocast's cast cache);
 - reference log-distributions are cached per prefix (the reference weights never change);
 - identical (query, response) pairs share one forward pass; forward chunks respect a token budget.
 """
@@ -89,6 +90,8 @@ class PPOTrainer:
 
     ``rollout = trainer.generate(queries, max_new_tokens=n)`` samples responses;
     ``stats = trainer.step(queries, rollout.responses, scores)`` makes the update.
+    When the step can reuse the sampling pass (``fusable``), generate() keeps its graph, and one bf16/fp16 copy of
+    the LoRA weights shared by all calls (PolicyModel.hold_casts), until step() or discard_rollouts().
     """
 
     def __init__(self, config: PPOConfig, policy, adapter: str | None = None, *, pad_token_id: int = 0,
@@ -133,6 +136,8 @@ class PPOTrainer:
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=self.config.temperature, top_k=top_k, top_p=top_p,
                       stop_at_eos=stop_at_eos, eos_token_id=eos_token_id, pad_token_id=self.pad_token_id,
                       generator=self.sample_generator, keep_graph=keep, memo=self._memo, probe_tokens=probe_tokens)
+        if keep:
+            self.policy.hold_casts(self)
         with self.policy.adapter(self.adapter):
             rollout = self._sample_with_backoff(queries, kwargs)
         if keep:
@@ -158,6 +163,7 @@ class PPOTrainer:
         """Drop kept sampling graphs and prefill memos (e.g. when a batch is not stepped)."""
         self._memo.clear()
         self._fused.clear()
+        self.policy.release_casts(self)
 
     # ------------------------------------------------------------------------------------------------- step
     def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores) -> dict[str, float]:
@@ -356,7 +362,8 @@ class PPOTrainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-        self._memo.clear()  # the weights changed: earlier prefills are stale
+        self._memo.clear()  # the weights changed: earlier prefills and held weight casts are stale
+        self.policy.weights_changed()
         return st
 
     def _backward(self, loss: torch.Tensor) -> None:

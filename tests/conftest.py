@@ -53,6 +53,16 @@ def _quiet_progress_bars(monkeypatch):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _no_held_autocast_casts():
+    """A test that fails between generate() and step() leaves its trainer holding autocast's weight casts
+    (PolicyModel.hold_casts); do not let that leak into the next test."""
+    yield
+    for _ in range(torch.autocast_increment_nesting()):  # back to level 0
+        torch.autocast_decrement_nesting()
+    torch.clear_autocast_cache()
+
+
 @pytest.fixture(scope="session")
 def chat_tokenizer_dir(tmp_path_factory):
     """SmolLM2's tokenizer and chat template (read from the embedded GGUF file; no model weights)."""

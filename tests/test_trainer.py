@@ -273,3 +273,107 @@ def test_fp16_compute_uses_loss_scaling_and_updates():
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
     assert trainer.state_dict()["scaler"]["scale"] > 0
+
+
+# ---------------------------------------------------------------- one low-precision copy of the LoRA weights
+def bf16_policy(seed=0, adapters=("agent",)):
+    from ppo_core import LoraSettings, PolicyModel
+    lm = tiny_llama(seed, initializer_range=0.2)
+    torch.manual_seed(seed + 1)
+    policy = PolicyModel(lm, adapters=adapters, lora=LoraSettings(r=8, alpha=16), compute_dtype=torch.bfloat16)
+    with torch.no_grad():  # non-zero B, so that every LoRA weight gets a gradient through its cast
+        g = torch.Generator().manual_seed(seed + 2)
+        for name, p in policy.lm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return policy
+
+
+def autocast_nesting() -> int:
+    level = torch.autocast_increment_nesting() - 1
+    torch.autocast_decrement_nesting()
+    return level
+
+
+def fused_episode(trainer, calls=5, seed=0):
+    """`calls` sequential generate calls (prefill + 1 decode each) kept for one fused step."""
+    queries, responses = [], []
+    for c in range(calls):
+        q = random_queries(2, seed=100 * seed + c)
+        queries += q
+        responses += trainer.generate(q, max_new_tokens=2).responses
+    return queries, responses, torch.linspace(-1, 1, len(queries)).tolist()
+
+
+def test_fused_rollout_keeps_one_bf16_copy_of_each_lora_weight():
+    """Ten forward calls (5 generate calls x prefill + decode) keep one bf16 copy of each LoRA matrix in the
+    graph instead of ten; the autocast nesting level is back to 0 after the step."""
+    def saved_copies(share: bool) -> int:
+        policy = bf16_policy()
+        if not share:
+            policy.hold_casts = lambda owner: None
+        trainer = PPOTrainer(PPOConfig(batch_size=10, mini_batch_size=10, ppo_epochs=1), policy, "agent")
+        shapes = {tuple(p.shape) for p in trainer.params[:-2]}
+        copies = set()
+
+        def pack(t):
+            if t.dtype == torch.bfloat16 and tuple(t.shape) in shapes:
+                copies.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            batch = fused_episode(trainer)
+        st = trainer.step(*batch)
+        assert st["ppo/fused_rollout"] == 1.0 and autocast_nesting() == 0 and not policy._cast_holders
+        return len(copies)
+
+    shared, per_call = saved_copies(True), saved_copies(False)
+    assert shared > 0 and per_call == 10 * shared
+
+
+def test_shared_casts_keep_bf16_gradients_as_accurate():
+    """The shared copy sums the ten calls' gradients in bf16 before the cast back to fp32. Against a float64
+    recomputation of the same batch, the LoRA gradient's relative error stays within 2% of the per-call casts'
+    own bf16 error (measured: 4.77% vs 4.75%, 2.99% vs 2.97%, 3.05% vs 3.03% for seeds 0-2)."""
+    def relative_error(share: bool, seed: int) -> float:
+        policy = bf16_policy(seed)
+        reference = copy.deepcopy(policy).double()
+        reference.compute_dtype, reference._autocast = torch.float64, False
+        if not share:
+            policy.hold_casts = lambda owner: None
+        cfg = PPOConfig(batch_size=10, mini_batch_size=10, ppo_epochs=1)
+        trainer = PPOTrainer(cfg, policy, "agent")
+        batch = fused_episode(trainer, seed=seed)
+        trainer.step(*batch)
+        exact = PPOTrainer(cfg.replace(fuse_rollout=False), reference, "agent")
+        exact.step(*batch)
+        g = torch.cat([p.grad.flatten().double() for p in trainer.params[:-2]])
+        g64 = torch.cat([p.grad.flatten() for p in exact.params[:-2]])
+        return float((g - g64).norm() / g64.norm())
+
+    for seed in range(3):
+        per_call, shared = relative_error(False, seed), relative_error(True, seed)
+        assert 0 < per_call < 0.1 and shared <= 1.02 * per_call
+
+
+def test_held_casts_never_serve_weights_from_before_a_step():
+    """Two learners on one base: the agent steps while the opponent's rollout still holds casts; the agent's
+    next rollout must use its new weights (a stale bf16 copy would give the old log-probs)."""
+    policy = bf16_policy(adapters=("agent", "opponent"))
+    cfg = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, learning_rate=0.2)
+    agent, opponent = PPOTrainer(cfg, policy, "agent"), PPOTrainer(cfg.replace(seed=1), policy, "opponent")
+    queries = random_queries(4, seed=7)
+    ro_agent = agent.generate(queries, max_new_tokens=1)
+    opponent.generate(queries, max_new_tokens=1)
+    agent.step(queries, ro_agent.responses, [1.0, -1.0, 1.0, -1.0])
+    assert autocast_nesting() == 1  # the opponent still holds
+    after = agent.generate(queries, max_new_tokens=1)
+    agent.discard_rollouts()
+    opponent.discard_rollouts()
+    assert autocast_nesting() == 0
+    with torch.no_grad(), policy.adapter("agent"):
+        fresh = policy.forward_responses(queries, after.responses, with_values=False)["logprobs"]
+    with torch.no_grad(), policy.adapter("agent"):
+        old = agent.policy.forward_responses(queries, ro_agent.responses, with_values=False)["logprobs"]
+    assert torch.allclose(after.logprobs, fresh, atol=2e-2)
+    assert not torch.allclose(ro_agent.logprobs, old, atol=2e-2)  # the step moved these log-probs
