@@ -119,6 +119,7 @@ class PPOTrainer:
         self._consecutive_nonfinite = 0
         self._memo: dict = {}    # query -> first-token (logits, value), valid until the next optimiser step
         self._fused: dict = {}   # (query, response) -> (logprobs [R], values [R], entropy [R]) with graph
+        self._keep_paused = False  # set by an out-of-memory error in a kept generation, until the step
 
     # ---------------------------------------------------------------------------------------------- rollout
     @property
@@ -132,7 +133,7 @@ class PPOTrainer:
     def generate(self, queries: list[torch.Tensor], *, max_new_tokens: int, top_k: int = 0, top_p: float = 1.0,
                  stop_at_eos: bool = False, eos_token_id=None, probe_tokens: list[int] | None = None) -> Rollout:
         """Sample responses with this trainer's adapter, temperature and random stream (see generation.sample)."""
-        keep = self.fusable
+        keep = self.fusable and not self._keep_paused
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=self.config.temperature, top_k=top_k, top_p=top_p,
                       stop_at_eos=stop_at_eos, eos_token_id=eos_token_id, pad_token_id=self.pad_token_id,
                       generator=self.sample_generator, keep_graph=keep, memo=self._memo, probe_tokens=probe_tokens)
@@ -140,7 +141,7 @@ class PPOTrainer:
             self.policy.hold_casts(self)
         with self.policy.adapter(self.adapter):
             rollout = self._sample_with_backoff(queries, kwargs)
-        if keep:
+        if rollout.logprobs_graph is not None:
             for i, (q, r) in enumerate(zip(queries, rollout.responses)):
                 n = len(r)
                 self._fused[(tuple(q.tolist()), tuple(r.tolist()))] = (
@@ -148,10 +149,17 @@ class PPOTrainer:
         return rollout
 
     def _sample_with_backoff(self, queries, kwargs) -> Rollout:
-        """sample(); on out-of-memory, sample each half of the batch separately (recursively) and join them."""
+        """sample(); on out-of-memory, first drop the graphs kept for a fused step (this batch's step then
+        recomputes its forward pass in token-budget chunks), then sample each half of the batch separately
+        (recursively) and join them."""
         try:
             return sample(self.policy, queries, **kwargs)
         except torch.OutOfMemoryError:
+            if kwargs["keep_graph"]:
+                self.counters["oom_backoffs"] += 1
+                self.discard_rollouts()
+                self._keep_paused = True  # until the step: a partly kept batch is recomputed anyway
+                return self._sample_with_backoff(queries, {**kwargs, "keep_graph": False})
             if len(queries) == 1:
                 raise
             self.counters["oom_backoffs"] += 1
@@ -163,6 +171,7 @@ class PPOTrainer:
         """Drop kept sampling graphs and prefill memos (e.g. when a batch is not stepped)."""
         self._memo.clear()
         self._fused.clear()
+        self._keep_paused = False
         self.policy.release_casts(self)
 
     # ------------------------------------------------------------------------------------------------- step

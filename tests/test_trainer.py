@@ -377,3 +377,57 @@ def test_held_casts_never_serve_weights_from_before_a_step():
         old = agent.policy.forward_responses(queries, ro_agent.responses, with_values=False)["logprobs"]
     assert torch.allclose(after.logprobs, fresh, atol=2e-2)
     assert not torch.allclose(ro_agent.logprobs, old, atol=2e-2)  # the step moved these log-probs
+
+
+def test_out_of_memory_while_keeping_graphs_drops_them_and_recomputes(monkeypatch):
+    """An out-of-memory error in a graph-keeping generate call frees the graphs kept so far, the rest of the
+    batch is sampled without graphs, and the step recomputes its forward pass: same responses and the same update
+    as a trainer that never fused (rtol 1e-4, atol 1e-6, as the fused-vs-recomputed test)."""
+    import ppo_core.trainer as trainer_module
+    cfg = PPOConfig(batch_size=6, mini_batch_size=6, ppo_epochs=1, learning_rate=1e-3)
+    _, flaky = make(cfg)
+    _, plain = make(cfg.replace(fuse_rollout=False))
+    real_sample, kept = trainer_module.sample, []
+
+    def sample(policy, queries, **kwargs):
+        kept.append(kwargs["keep_graph"])
+        if len(kept) == 2 and kwargs["keep_graph"]:
+            raise torch.OutOfMemoryError("simulated CUDA out of memory")
+        return real_sample(policy, queries, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "sample", sample)
+    queries = [random_queries(2, seed=s) for s in range(3)]
+    responses = [flaky.generate(q, max_new_tokens=2).responses for q in queries]
+    assert kept == [True, True, False, False] and not flaky._fused
+    monkeypatch.setattr(trainer_module, "sample", real_sample)
+    plain_responses = [plain.generate(q, max_new_tokens=2).responses for q in queries]
+    flat = lambda xs: [x for part in xs for x in part]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(flat(responses), flat(plain_responses)))
+    scores = torch.randn(6).tolist()
+    st = flaky.step(flat(queries), flat(responses), scores)
+    plain.step(flat(queries), flat(responses), scores)
+    assert st["ppo/fused_rollout"] == 0.0 and st["ppo/oom_backoffs"] == 1
+    for pf, pp in zip(flaky.params, plain.params):
+        assert torch.allclose(pf.grad, pp.grad, rtol=1e-4, atol=1e-6)
+    queries_next = random_queries(2, seed=9)  # the next batch keeps its graphs again
+    flaky.generate(queries_next, max_new_tokens=2)
+    assert len(flaky._fused) == 2
+
+
+def test_out_of_memory_in_generation_samples_each_half(monkeypatch):
+    import ppo_core.trainer as trainer_module
+    _, trainer = make(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, fuse_rollout=False))
+    real_sample, sizes = trainer_module.sample, []
+
+    def sample(policy, queries, **kwargs):
+        sizes.append(len(queries))
+        if len(sizes) == 1:
+            raise torch.OutOfMemoryError("simulated CUDA out of memory")
+        return real_sample(policy, queries, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "sample", sample)
+    queries = random_queries(4, seed=5)
+    rollout = trainer.generate(queries, max_new_tokens=2)
+    assert sizes == [4, 2, 2] and trainer.counters["oom_backoffs"] == 1
+    assert len(rollout.responses) == 4 and rollout.logprobs.shape == (4, 2)
+    assert trainer.step(queries, rollout.responses, [1.0, 0.0, -1.0, 0.5])["ppo/oom_backoffs"] == 1
