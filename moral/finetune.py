@@ -279,28 +279,31 @@ class FineTuning:
                    desc=f"{c.reward} vs {c.opponent}")
         t_start = time.perf_counter()
         try:
-            self._loop(bar, window)
-        except OSError as exc:
-            latest = latest_checkpoint(self.folder)
-            raise RunError(f"cannot write to {self.folder} ({exc.strerror or exc}); the last complete checkpoint is "
-                           f"{latest or 'none'}; free space and continue with --resume {self.folder}") from None
-        except NonFiniteError as exc:
-            raise RunError(f"{exc}; the last complete checkpoint is {latest_checkpoint(self.folder) or 'none'}") \
-                from None
-        finally:
-            bar.close()
-            for trainer in self.trainers.values():  # an episode cut short leaves kept graphs and weight casts
-                trainer.discard_rollouts()
+            try:
+                self._loop(bar, window)
+            except OSError as exc:
+                latest = latest_checkpoint(self.folder)
+                raise RunError(f"cannot write to {self.folder} ({exc.strerror or exc}); the last complete checkpoint "
+                               f"is {latest or 'none'}; free space and continue with --resume {self.folder}") from None
+            except NonFiniteError as exc:
+                raise RunError(f"{exc}; the last complete checkpoint is {latest_checkpoint(self.folder) or 'none'}") \
+                    from None
+            finally:
+                bar.close()
+                for trainer in self.trainers.values():  # an episode cut short leaves kept graphs and weight casts
+                    trainer.discard_rollouts()
+            summary = summarise(self.folder, c, wall_s=time.perf_counter() - t_start)
+            summary["skipped_nonfinite_rewards"] = self.skipped_nonfinite_rewards
+            try:
+                self._save_final()
+                write_json_atomic(os.path.join(self.folder, "summary.json"), summary)
+            except OSError as exc:
+                raise RunError(f"cannot write the final adapter or summary to {self.folder} "
+                               f"({exc.strerror or exc}); every checkpoint is complete; continue with --resume "
+                               f"{self.folder}") from None
+        finally:  # a signal during the final save only sets the stop flag; the handlers go back once all is written
             for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, handler)
-        summary = summarise(self.folder, c, wall_s=time.perf_counter() - t_start)
-        summary["skipped_nonfinite_rewards"] = self.skipped_nonfinite_rewards
-        try:
-            self._save_final()
-            write_json_atomic(os.path.join(self.folder, "summary.json"), summary)
-        except OSError as exc:
-            raise RunError(f"cannot write the final adapter or summary to {self.folder} ({exc.strerror or exc}); "
-                           f"every checkpoint is complete; continue with --resume {self.folder}") from None
         self.logs.close()
         return summary
 

@@ -119,7 +119,7 @@ class PPOTrainer:
         self._consecutive_nonfinite = 0
         self._memo: dict = {}    # query -> first-token (logits, value), valid until the next optimiser step
         self._fused: dict = {}   # (query, response) -> (logprobs [R], values [R], entropy [R]) with graph
-        self._keep_paused = False  # set by an out-of-memory error in a kept generation, until the step
+        self.keep_graphs = True  # False after an out-of-memory error while graphs were kept: recompute from then on
 
     # ---------------------------------------------------------------------------------------------- rollout
     @property
@@ -133,7 +133,7 @@ class PPOTrainer:
     def generate(self, queries: list[torch.Tensor], *, max_new_tokens: int, top_k: int = 0, top_p: float = 1.0,
                  stop_at_eos: bool = False, eos_token_id=None, probe_tokens: list[int] | None = None) -> Rollout:
         """Sample responses with this trainer's adapter, temperature and random stream (see generation.sample)."""
-        keep = self.fusable and not self._keep_paused
+        keep = self.fusable and self.keep_graphs
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=self.config.temperature, top_k=top_k, top_p=top_p,
                       stop_at_eos=stop_at_eos, eos_token_id=eos_token_id, pad_token_id=self.pad_token_id,
                       generator=self.sample_generator, keep_graph=keep, memo=self._memo, probe_tokens=probe_tokens)
@@ -149,16 +149,16 @@ class PPOTrainer:
         return rollout
 
     def _sample_with_backoff(self, queries, kwargs) -> Rollout:
-        """sample(); on out-of-memory, first drop the graphs kept for a fused step (this batch's step then
-        recomputes its forward pass in token-budget chunks), then sample each half of the batch separately
-        (recursively) and join them."""
+        """sample(); on out-of-memory, first stop keeping graphs for fused steps (this run's steps then recompute
+        their forward pass in token-budget chunks), then sample each half of the batch separately (recursively)
+        and join them."""
         try:
             return sample(self.policy, queries, **kwargs)
         except torch.OutOfMemoryError:
             if kwargs["keep_graph"]:
                 self.counters["oom_backoffs"] += 1
                 self.discard_rollouts()
-                self._keep_paused = True  # until the step: a partly kept batch is recomputed anyway
+                self.keep_graphs = False
                 return self._sample_with_backoff(queries, {**kwargs, "keep_graph": False})
             if len(queries) == 1:
                 raise
@@ -171,7 +171,6 @@ class PPOTrainer:
         """Drop kept sampling graphs and prefill memos (e.g. when a batch is not stepped)."""
         self._memo.clear()
         self._fused.clear()
-        self._keep_paused = False
         self.policy.release_casts(self)
 
     # ------------------------------------------------------------------------------------------------- step
@@ -336,8 +335,9 @@ class PPOTrainer:
                 break
             except torch.OutOfMemoryError:
                 if graph is not None:
-                    graph = None  # drop the rollout graph and recompute in chunks
+                    graph = None  # drop the rollout graph and recompute in chunks, in this and later steps
                     self.discard_rollouts()
+                    self.keep_graphs = False
                 elif not self._halve_budget(queries, responses):
                     raise
         st = {name: torch.stack([p[name] for p in parts]).mean() for name in parts[0]}
@@ -509,7 +509,7 @@ class PPOTrainer:
                 "score_moments": self.score_moments.state_dict(), "step_count": self.step_count,
                 "sample_generator": self.sample_generator.get_state(),
                 "shuffle_generator": self.shuffle_generator.get_state(), "counters": dict(self.counters),
-                "chunk_tokens": self.chunk_tokens,
+                "chunk_tokens": self.chunk_tokens, "keep_graphs": self.keep_graphs,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
@@ -521,6 +521,7 @@ class PPOTrainer:
         self.shuffle_generator.set_state(state["shuffle_generator"])
         self.counters.update(state["counters"])
         self.chunk_tokens = state["chunk_tokens"]
+        self.keep_graphs = bool(state.get("keep_graphs", True))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.discard_rollouts()

@@ -89,7 +89,6 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_chat_m
     proc = spawn(train_args(tiny_chat_model_dir, out))
     while proc.poll() is None and not (out / "games.csv").exists():
         time.sleep(0.01)
-    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     if proc.returncode == 130:  # stopped cleanly (not already finished)
@@ -97,8 +96,9 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_chat_m
         resumed = spawn(["--resume", str(out), "--no-progress"])
         _, err = resumed.communicate(timeout=600)
         assert resumed.returncode == 0, err
-    else:
-        assert proc.returncode == 0, err
+    else:  # the run had finished; a signal after train() returned meets the default handler
+        assert proc.returncode in (0, -signal.SIGTERM), err
+        assert (out / "summary.json").exists()
     assert_same(artefacts(out), uninterrupted)
 
 

@@ -380,9 +380,9 @@ def test_held_casts_never_serve_weights_from_before_a_step():
 
 
 def test_out_of_memory_while_keeping_graphs_drops_them_and_recomputes(monkeypatch):
-    """An out-of-memory error in a graph-keeping generate call frees the graphs kept so far, the rest of the
-    batch is sampled without graphs, and the step recomputes its forward pass: same responses and the same update
-    as a trainer that never fused (rtol 1e-4, atol 1e-6, as the fused-vs-recomputed test)."""
+    """An out-of-memory error in a graph-keeping generate call frees the graphs kept so far, later calls keep
+    none (for the rest of the run, and after a resume), and the step recomputes its forward pass: same responses
+    and the same update as a trainer that never fused (rtol 1e-4, atol 1e-6, as the fused-vs-recomputed test)."""
     import ppo_core.trainer as trainer_module
     cfg = PPOConfig(batch_size=6, mini_batch_size=6, ppo_epochs=1, learning_rate=1e-3)
     _, flaky = make(cfg)
@@ -409,9 +409,11 @@ def test_out_of_memory_while_keeping_graphs_drops_them_and_recomputes(monkeypatc
     assert st["ppo/fused_rollout"] == 0.0 and st["ppo/oom_backoffs"] == 1
     for pf, pp in zip(flaky.params, plain.params):
         assert torch.allclose(pf.grad, pp.grad, rtol=1e-4, atol=1e-6)
-    queries_next = random_queries(2, seed=9)  # the next batch keeps its graphs again
-    flaky.generate(queries_next, max_new_tokens=2)
-    assert len(flaky._fused) == 2
+    flaky.generate(random_queries(2, seed=9), max_new_tokens=2)
+    assert not flaky.keep_graphs and not flaky._fused
+    _, resumed = make(cfg)
+    resumed.load_state_dict(flaky.state_dict())
+    assert not resumed.keep_graphs
 
 
 def test_out_of_memory_in_generation_samples_each_half(monkeypatch):
