@@ -468,7 +468,7 @@ def run_episode(trainers: dict, pool: list[torch.Tensor], work: Workload, rng: r
             q.extend(queries)
             r.extend(rollout.responses)
             s.extend(rng.choice(SCORES) for _ in idx)
-            if work.gen_len == 1 and hasattr(trainer, "_memo"):
+            if work.gen_len == 1:
                 # one-token answers: the trainer memoises each prefill until its optimiser step
                 distinct[name].append(len(set(idx) - memoised[name]))
                 memoised[name].update(idx)

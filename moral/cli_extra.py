@@ -64,14 +64,15 @@ def eval(argv: list[str]) -> None:  # noqa: A001 - the subcommand's name
 def print_regret(groups: list[dict]) -> None:
     """Deont and Util regret per game, reference (before) vs fine-tuned (after), structured prompt, original order,
     per token set."""
+    from games import TEST_GAMES
     table = {(g["tokens"], g["model"], g["game"]): g for g in groups
              if g["variant"] == "structured" and g["table_order"] == "original"}
+    rank = {game: i for i, game in enumerate(TEST_GAMES)}
+    pairs = [(tokens, game) for tokens, model, game in table
+             if model == "finetuned" and (tokens, "reference", game) in table]
     print(f"{'tokens':>9} {'game':>5} {'De before':>10} {'De after':>10} {'Ut before':>10} {'Ut after':>10}")
-    for tokens, model, game in sorted(table, key=lambda k: (k[0], ["IPD", "ISH", "ICN", "BOS", "ICD"].index(k[2])
-                                                               if k[2] in ("IPD", "ISH", "ICN", "BOS", "ICD") else 9)):
-        if model != "finetuned" or (tokens, "reference", game) not in table:
-            continue
-        before, after = table[tokens, "reference", game], table[tokens, model, game]
+    for tokens, game in sorted(pairs, key=lambda p: (p[0], rank.get(p[1], len(rank)))):
+        before, after = table[tokens, "reference", game], table[tokens, "finetuned", game]
         print(f"{tokens:>9} {game:>5} {before['deont_regret']:10.3f} {after['deont_regret']:10.3f} "
               f"{before['util_regret']:10.3f} {after['util_regret']:10.3f}")
 

@@ -22,19 +22,18 @@ def answer_probabilities(policy, tokenizer, tokens, format_aid: str) -> dict:
     """Mean over the 16 training prompts of P(C string), P(D string) and P(legal) as the next tokens."""
     codec = Codec(tokenizer, tokens, format_aid)
     prefix = len(codec.plan.prefix_ids)
-    totals = {"p_c": 0.0, "p_d": 0.0}
     pair = (tokens.c, tokens.d)
     prompts = [structured_prompt(GAMES["IPD"], tokens, own, other, first, second)
                for own, other in itertools.product((C, D), (C, D))
                for first in (pair, pair[::-1]) for second in (pair, pair[::-1])]
-    for prompt in prompts:
-        query = codec.query(prompt, policy.device)
-        for key, ids in zip(("p_c", "p_d"), codec.plan.action_ids):
-            rest = torch.tensor(ids[prefix:], device=policy.device)
-            out = policy.forward_responses([query], [rest], with_values=False)
-            totals[key] += float(out["logprobs"].sum().exp()) / len(prompts)
+    queries = [codec.query(prompt) for prompt in prompts]
+    rests = [torch.tensor(ids[prefix:]) for ids in codec.plan.action_ids]  # (C, D) after the answer prefix
+    out = policy.forward_responses([q for q in queries for _ in rests], [r for _ in queries for r in rests],
+                                   with_values=False)  # one batched pass over the 16 prompts x 2 answers
+    p = out["logprobs"].sum(1).exp().view(len(queries), len(rests)).mean(0).tolist()
+    totals = {"p_c": p[0], "p_d": p[1]}
     totals["p_legal"] = totals["p_c"] + totals["p_d"]
-    totals["query_tokens"] = len(codec.query(prompts[0]))
+    totals["query_tokens"] = len(queries[0])
     totals["sampled_tokens"] = codec.plan.gen_len
     return totals
 

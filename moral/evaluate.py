@@ -75,7 +75,7 @@ class Block:
     variant: str
     game: str
     order: str
-    tokens: str = "action34"
+    tokens: str
 
 
 def plan_blocks(cfg: EvalConfig) -> list[Block]:
@@ -98,8 +98,7 @@ class Trajectory:
                                   initial_move("random", streams["initial"]))
         self.opponent = make_opponent("random")
 
-    def prompt(self) -> str:
-        tokens = get_tokens(self.block.tokens)
+    def prompt(self, tokens) -> str:
         pair = (tokens.c, tokens.d)
         first = pair if self.streams["shuffle1"].random() < 0.5 else pair[::-1]
         second = pair if self.streams["shuffle2"].random() < 0.5 else pair[::-1]
@@ -164,7 +163,7 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
         trajectories += [Trajectory(block, streams, e) for e in range(cfg.episodes)]
     rows, followups = [], []
     for step in tqdm(range(cfg.steps), disable=not progress, desc="eval steps"):
-        prompts = [t.prompt() for t in trajectories]
+        prompts = [t.prompt(codecs[t.block.tokens].tokens) for t in trajectories]
         answers = {"finetuned": {}, "reference": {}}
         for name, codec in codecs.items():  # one sampling call per model and token set
             mine = [i for i, t in enumerate(trajectories) if t.block.tokens == name]

@@ -217,9 +217,17 @@ class FineTuning:
 
     def __init__(self, config: RunConfig, folder: str, resume: bool = False, progress: bool = True):
         self.config, self.folder, self.progress = config, folder, progress
-        # From here on SIGINT/SIGTERM only ask the run to stop after the current episode (train() restores them).
+        # From here on SIGINT/SIGTERM only ask the run to stop after the current episode; train() (or a failed
+        # set-up) puts the previous handlers back.
         self._stop_signal = None
         self._previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._set_up(config, folder, resume)
+        except BaseException:
+            self._restore_signal_handlers()
+            raise
+
+    def _set_up(self, config: RunConfig, folder: str, resume: bool) -> None:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = torch.device(config.device)
@@ -288,10 +296,6 @@ class FineTuning:
             except NonFiniteError as exc:
                 raise RunError(f"{exc}; the last complete checkpoint is {latest_checkpoint(self.folder) or 'none'}") \
                     from None
-            finally:
-                bar.close()
-                for trainer in self.trainers.values():  # an episode cut short leaves kept graphs and weight casts
-                    trainer.discard_rollouts()
             summary = summarise(self.folder, c, wall_s=time.perf_counter() - t_start)
             summary["skipped_nonfinite_rewards"] = self.skipped_nonfinite_rewards
             try:
@@ -302,8 +306,10 @@ class FineTuning:
                                f"({exc.strerror or exc}); every checkpoint is complete; continue with --resume "
                                f"{self.folder}") from None
         finally:  # a signal during the final save only sets the stop flag; the handlers go back once all is written
-            for sig, handler in self._previous_handlers.items():
-                signal.signal(sig, handler)
+            bar.close()
+            for trainer in self.trainers.values():  # an episode cut short leaves kept graphs and weight casts
+                trainer.discard_rollouts()
+            self._restore_signal_handlers()
         self.logs.close()
         return summary
 
@@ -327,6 +333,10 @@ class FineTuning:
                 if not saved:
                     self._save_checkpoint()
                 raise Interrupted(self._stop_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None:  # a second signal: stop now

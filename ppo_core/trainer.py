@@ -156,9 +156,7 @@ class PPOTrainer:
             return sample(self.policy, queries, **kwargs)
         except torch.OutOfMemoryError:
             if kwargs["keep_graph"]:
-                self.counters["oom_backoffs"] += 1
-                self.discard_rollouts()
-                self.keep_graphs = False
+                self._stop_keeping_graphs()
                 return self._sample_with_backoff(queries, {**kwargs, "keep_graph": False})
             if len(queries) == 1:
                 raise
@@ -166,6 +164,13 @@ class PPOTrainer:
             half = len(queries) // 2
             return join_rollouts([self._sample_with_backoff(queries[:half], kwargs),
                                   self._sample_with_backoff(queries[half:], kwargs)])
+
+    def _stop_keeping_graphs(self) -> None:
+        """After an out-of-memory error with sampling graphs alive: free them; this and every later step
+        recomputes its forward pass in token-budget chunks."""
+        self.counters["oom_backoffs"] += 1
+        self.discard_rollouts()
+        self.keep_graphs = False
 
     def discard_rollouts(self) -> None:
         """Drop kept sampling graphs and prefill memos (e.g. when a batch is not stepped)."""
@@ -335,9 +340,8 @@ class PPOTrainer:
                 break
             except torch.OutOfMemoryError:
                 if graph is not None:
-                    graph = None  # drop the rollout graph and recompute in chunks, in this and later steps
-                    self.discard_rollouts()
-                    self.keep_graphs = False
+                    graph = None
+                    self._stop_keeping_graphs()
                 elif not self._halve_budget(queries, responses):
                     raise
         st = {name: torch.stack([p[name] for p in parts]).mean() for name in parts[0]}

@@ -241,3 +241,6 @@ def test_model_that_cannot_be_loaded_offline(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert info.value.code == 2 and "--model 'google/gemma-2-2b-it' cannot be loaded" in err
     assert len(err.strip().splitlines()) == 1
+    # a failed set-up gives the signals back (FineTuning installs its handlers before loading the model)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
