@@ -117,3 +117,31 @@ def decide(codec: Codec, sampler, prompts: list[str]) -> list[Decision]:
         text = codec.answer_text(r)
         out.append(Decision(q, r, text, codec.action(text), p_c, p_d))
     return out
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_agent_model(config, adapter_paths: dict[str, str] | None = None, init_seed: int | None = None):
+    """The base model of a run (moral.config.RunConfig) with one LoRA adapter and value head per learner, or with
+    the trained adapters in `adapter_paths` ({name: folder}); returns (PolicyModel, tokenizer).
+
+    init_seed seeds torch right before the adapters and value heads are initialised, after the base model is
+    loaded (the embedded model's one-time conversion draws random numbers: seeding earlier made a run's first
+    use of the model differ from every later run with the same seed)."""
+    from transformers import AutoTokenizer
+
+    from ppo_core import LoraSettings, PolicyModel, load_causal_lm
+
+    from .embedded import EMBEDDED_MODEL, ensure_embedded_model
+
+    path = ensure_embedded_model() if config.model == EMBEDDED_MODEL else config.model
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dtype = DTYPES[config.dtype]
+    lm = load_causal_lm(path, quantize=config.quantize, device=config.device, dtype=dtype)
+    adapters = tuple(adapter_paths) if adapter_paths else config.learners
+    lora = LoraSettings(r=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout)
+    if init_seed is not None:
+        torch.manual_seed(init_seed)
+    policy = PolicyModel(lm, adapters=adapters, lora=lora, adapter_paths=adapter_paths, compute_dtype=dtype)
+    return policy, tokenizer

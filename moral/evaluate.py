@@ -11,10 +11,7 @@ All trajectories of all blocks advance together: one sampling call per model per
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -23,13 +20,12 @@ import torch
 
 from games import GAMES, PROMPT_VARIANTS, TABLE_ORDERS, TEST_GAMES, FOLLOWUP_QUESTIONS, IteratedGame, action_type, \
     followup_messages, get_tokens, initial_move, make_opponent, with_value_preamble
-from ppo_core import LoraSettings, PolicyModel, load_causal_lm
 from ppo_core.generation import sample
 
-from .agent import Codec, decide
-from .embedded import EMBEDDED_MODEL, ensure_embedded_model
-from .finetune import DTYPES, RunConfig, make_streams, write_json_atomic
+from .agent import Codec, decide, load_agent_model
+from .config import RunConfig, make_streams
 from .rewards import REWARDS, RewardSettings, moral_reward
+from .runio import read_json, write_csv_atomic, write_json_atomic
 
 EVAL_COLUMNS = ("model", "variant", "game", "table_order", "tokens", "episode", "step", "own_last", "opp_last",
                 "opp_action", "response", "action", "action_type", *(f"reward_{k}" for k in REWARDS), "p_c", "p_d")
@@ -111,17 +107,11 @@ class Trajectory:
 
 def load_run_policy(run_folder: str, config: RunConfig, checkpoint: str | None = None):
     """The base model of a run with its trained agent adapter (final/agent or a checkpoint's)."""
-    from transformers import AutoTokenizer
     adapter_dir = os.path.join(checkpoint, "adapters", "agent") if checkpoint else \
         os.path.join(run_folder, "final", "agent")
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         raise ValueError(f"{run_folder}: no trained adapter at {adapter_dir} (has the run finished?)")
-    path = ensure_embedded_model() if config.model == EMBEDDED_MODEL else config.model
-    dtype = DTYPES[config.dtype]
-    lm = load_causal_lm(path, quantize=config.quantize, device=config.device, dtype=dtype)
-    policy = PolicyModel(lm, adapters=("agent",), lora=LoraSettings(r=config.lora_rank, alpha=config.lora_alpha),
-                         adapter_paths={"agent": adapter_dir}, compute_dtype=dtype)
-    return policy, AutoTokenizer.from_pretrained(path)
+    return load_agent_model(config, adapter_paths={"agent": adapter_dir})
 
 
 def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None = None,
@@ -133,10 +123,9 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
     from .regret import per_run_metrics
 
     cfg.validate()
-    with open(os.path.join(run_folder, "config.json")) as f:
-        run_config = RunConfig(**json.load(f))
+    run_config = RunConfig.from_dict(read_json(os.path.join(run_folder, "config.json")))
     if device:
-        run_config.device = device
+        run_config = dataclasses.replace(run_config, device=device)
     if threads:
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -183,9 +172,9 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
 
     out_dir = os.path.join(run_folder, "eval")
     os.makedirs(out_dir, exist_ok=True)
-    _write_csv(os.path.join(out_dir, "decisions.csv"), EVAL_COLUMNS, rows)
+    write_csv_atomic(os.path.join(out_dir, "decisions.csv"), EVAL_COLUMNS, rows)
     if followups:
-        _write_csv(os.path.join(out_dir, "followup.csv"),
+        write_csv_atomic(os.path.join(out_dir, "followup.csv"),
                    ("model", "episode", "step", "question", "answer", "followup_response"),
                    ask_followups(policy, tokenizer, followups, cfg.followup_tokens, generator))
     metrics = {"run": os.path.abspath(run_folder), "eval": dataclasses.asdict(cfg),
@@ -229,14 +218,3 @@ def ask_followups(policy, tokenizer, items, max_tokens: int, generator) -> list[
             out.append({"model": label, "episode": episode, "step": step, "question": question, "answer": answer,
                         "followup_response": tokenizer.decode(response, skip_special_tokens=True)})
     return out
-
-
-def _write_csv(path: str, columns, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, path)

@@ -23,8 +23,6 @@ we do not.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +30,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from games import ACTION_TYPES, GAMES, Game
+
+from .runio import read_csv_rows, read_json
 
 ILLEGAL_DEFAULT = -6.0
 LEGAL_TYPES = ("C|C", "C|D", "D|C", "D|D")
@@ -197,17 +197,11 @@ def aggregate(values: Iterable[float]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ a run
-def read_csv_rows(path: str) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
 def run_illegal(run_folder: str, default: float = ILLEGAL_DEFAULT) -> float:
     """R_illegal of a run, from its config.json ("illegal"), else the paper's -6."""
     path = os.path.join(run_folder, "config.json")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f).get("illegal")
+        value = read_json(path).get("illegal")
         if value is not None:
             return float(value)
     return default

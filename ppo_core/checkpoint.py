@@ -4,12 +4,14 @@ A checkpoint is a folder:
     adapters/<adapter>/adapter_config.json, adapter_model.safetensors, value_head.safetensors   (peft layout)
     state.pt   one dict: each trainer's optimiser, KL controller, score moments, random streams and counters;
                the reference cache; the global RNG states (python, numpy, torch, CUDA); the caller's `extra`.
+    config.json  (optional) the caller's settings that made this state, so that the folder alone says what it is.
 It is written into a temporary sibling folder and renamed into place, so a reader sees a complete checkpoint or
 none. Checkpoint folders are never overwritten.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -20,6 +22,7 @@ import torch
 from .model import load_adapter_weights, save_adapter
 
 STATE_FILE = "state.pt"
+CONFIG_FILE = "config.json"
 
 
 class CheckpointError(ValueError):
@@ -56,7 +59,7 @@ def _fsync_tree(folder: str) -> None:
         os.close(fd)
 
 
-def nonfinite_tensors(policy, trainers: dict) -> list[str]:
+def nonfinite_tensors(trainers: dict) -> list[str]:
     """Names of trainable weights or optimiser moments that hold NaN or Inf (a checkpoint must never contain any)."""
     bad = []
     for trainer in trainers.values():
@@ -71,16 +74,17 @@ def nonfinite_tensors(policy, trainers: dict) -> list[str]:
     return bad
 
 
-def save_checkpoint(folder: str, *, policy, trainers: dict, extra: dict | None = None) -> str:
+def save_checkpoint(folder: str, *, policy, trainers: dict, extra: dict | None = None,
+                    config: dict | None = None) -> str:
     """Write adapters, value heads and all trainer state to `folder` (which must not exist yet); returns it.
 
-    trainers: {name: PPOTrainer}; trainers sharing one reference cache store it once. Refuses (ValueError) to write
-    a state with NaN or Inf in it.
+    trainers: {name: PPOTrainer}; trainers sharing one reference cache store it once. config: JSON-serialisable
+    settings written as config.json beside the state. Refuses (ValueError) to write a state with NaN or Inf in it.
     """
     folder = os.path.abspath(folder)
     if os.path.exists(folder):
         raise FileExistsError(f"checkpoint {folder} exists already")
-    bad = nonfinite_tensors(policy, trainers)
+    bad = nonfinite_tensors(trainers)
     if bad:
         raise ValueError(f"refusing to write checkpoint {folder}: non-finite values in {', '.join(bad[:3])}")
     tmp = f"{folder}.tmp-{os.getpid()}"
@@ -95,6 +99,9 @@ def save_checkpoint(folder: str, *, policy, trainers: dict, extra: dict | None =
                  "cache_of": {name: list(caches).index(id(t.reference_cache)) for name, t in trainers.items()},
                  "rng": capture_rng(), "extra": extra or {}}
         torch.save(state, os.path.join(tmp, STATE_FILE))
+        if config is not None:
+            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True, default=str)
         _fsync_tree(tmp)
         os.rename(tmp, folder)
     except BaseException:

@@ -134,12 +134,5 @@ class PPOConfig:
         """Samples per optimiser step."""
         return self.mini_batch_size * self.gradient_accumulation_steps
 
-    @property
-    def optimizer_steps_per_batch(self) -> int:
-        return self.ppo_epochs * self.batch_size // self.backward_batch_size
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def replace(self, **changes) -> "PPOConfig":
-        return dataclasses.replace(self, **changes)

@@ -173,6 +173,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
             "clipfrac": masked_sum((pg_loss2 > pg_loss1).float(), mask) / n_tokens,
             "approxkl": 0.5 * masked_sum(logratio.square(), mask) / n_tokens,
             "policykl": masked_sum(-logratio, mask) / n_tokens,
+            "approxkl_k3": approx_kl_k3(logprobs, old_logprobs, mask, n_tokens),
             "ratio": masked_sum(ratio, mask) / n_tokens,
         }
     return loss, stats
@@ -201,10 +202,15 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 # ----------------------------------------------------------------------------------------------- diagnostics
 @torch.no_grad()
-def approx_kl_k3(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """CleanRL's approx_kl: masked mean of (ratio - 1) - log ratio, an unbiased, non-negative KL(old || new)."""
-    logratio = logprobs - old_logprobs
-    return masked_mean(torch.expm1(logratio) - logratio, mask)
+def approx_kl_k3(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
+                 n_tokens: torch.Tensor | float | None = None) -> torch.Tensor:
+    """CleanRL's approx_kl: masked mean of (ratio - 1) - log ratio, an unbiased, non-negative KL(old || new).
+
+    logprobs, old_logprobs, mask [B, R] -> scalar; n_tokens: denominator (default mask.sum()), as in policy_loss.
+    policy_loss reports it as "approxkl_k3" (ppo/policy/approxkl_k3), beside TRL's "approxkl" (0.5 * logratio^2)."""
+    logratio = logprobs.detach() - old_logprobs
+    n_tokens = mask.sum() if n_tokens is None else n_tokens
+    return masked_sum(torch.expm1(logratio) - logratio, mask) / n_tokens
 
 
 @torch.no_grad()

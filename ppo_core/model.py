@@ -188,10 +188,6 @@ class PolicyModel(nn.Module):
         self.eval()
 
     # -- adapters -------------------------------------------------------------------------------------------
-    @property
-    def active_adapter(self) -> str:
-        return self._active
-
     def set_adapter(self, name: str) -> None:
         if name not in self.adapter_names:
             raise ValueError(f"adapter {name!r}: must be one of {', '.join(self.adapter_names)}")

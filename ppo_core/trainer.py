@@ -120,6 +120,9 @@ class PPOTrainer:
         self._memo: dict = {}    # query -> first-token (logits, value), valid until the next optimiser step
         self._fused: dict = {}   # (query, response) -> (logprobs [R], values [R], entropy [R]) with graph
         self.keep_graphs = True  # False after an out-of-memory error while graphs were kept: recompute from then on
+        self.sync_timing = False
+        """True: the time/ppo/* statistics synchronise the device at their boundaries, so that they measure device
+        work, not just its launch (benchmarks set it; it costs a few host syncs per step)."""
 
     # ---------------------------------------------------------------------------------------------- rollout
     @property
@@ -179,9 +182,14 @@ class PPOTrainer:
         self.policy.release_casts(self)
 
     # ------------------------------------------------------------------------------------------------- step
+    def _now(self) -> float:
+        if self.sync_timing and self.policy.device.type == "cuda":
+            torch.cuda.synchronize(self.policy.device)
+        return time.perf_counter()
+
     def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores) -> dict[str, float]:
         """One PPO step on a batch of (query [L_i], response [R_i], scalar score) triples."""
-        cfg, timing, t_start = self.config, {}, time.perf_counter()
+        cfg, timing, t_start = self.config, {}, self._now()
         queries, responses, raw_scores = self._check_inputs(queries, responses, scores)
         B, device = len(queries), self.policy.device
         R = max(len(r) for r in responses)
@@ -195,7 +203,7 @@ class PPOTrainer:
                               cfg.score_clip).to(device=device, dtype=torch.float32)
 
         # ALGO LOGIC: 2. rollout ("old") log-probs and values; 3. reference log-probs
-        t = time.perf_counter()
+        t = self._now()
         keys = [(tuple(q.tolist()), tuple(r.tolist())) for q, r in zip(queries, responses)]
         fused = self.fusable and all(k in self._fused for k in keys)
         graph, old_full = None, None
@@ -208,11 +216,13 @@ class PPOTrainer:
                 out = self._with_oom_backoff(queries, responses, lambda: self._forward(
                     queries, responses, with_values=True, full=cfg.kl_penalty == "full"))
             old_logprobs, old_values, old_full = out["logprobs"], out["values"], out.get("full")
+        t_ref = self._now()
         ref_logprobs, ref_full = self.reference_logprobs(queries, responses, R, full=cfg.kl_penalty == "full")
-        timing["time/ppo/forward_pass"] = time.perf_counter() - t
+        t_end = self._now()
+        timing["time/ppo/reference"], timing["time/ppo/forward_pass"] = t_end - t_ref, t_end - t
 
         # ALGO LOGIC: 4. per-token rewards: -beta * KL on every response token, the score on the last one
-        t = time.perf_counter()
+        t = self._now()
         kl_coef = self.kl_ctl.value
         if cfg.kl_penalty == "full":
             kl = F.kl_penalty(old_full, ref_full, "full") * mask
@@ -221,16 +231,16 @@ class PPOTrainer:
         rewards, non_score = F.compute_rewards(scores, kl, mask, kl_coef)
         if cfg.whiten_rewards:
             rewards = F.masked_whiten(rewards, mask, shift_mean=False) * mask
-        timing["time/ppo/compute_rewards"] = time.perf_counter() - t
+        timing["time/ppo/compute_rewards"] = self._now() - t
 
         # ALGO LOGIC: 5. GAE over response tokens, returns = A + V, advantages whitened over the batch
-        t = time.perf_counter()
+        t = self._now()
         advantages, returns = F.compute_gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         advantages = F.masked_whiten(advantages, mask) * mask
-        timing["time/ppo/compute_advantages"] = time.perf_counter() - t
+        timing["time/ppo/compute_advantages"] = self._now() - t
 
         # ALGO LOGIC: 6. epochs x optimiser steps x micro-batches of the clipped loss
-        t = time.perf_counter()
+        t = self._now()
         batch = {"old_logprobs": old_logprobs, "old_values": old_values, "advantages": advantages,
                  "returns": returns, "mask": mask}
         step_stats: list[dict[str, torch.Tensor]] = []
@@ -245,10 +255,10 @@ class PPOTrainer:
                 early_stopped = True
                 break
         self.discard_rollouts()
-        timing["time/ppo/optimize_step"] = time.perf_counter() - t
+        timing["time/ppo/optimize_step"] = self._now() - t
 
         # ALGO LOGIC: 7. adapt the KL coefficient to the batch's mean sequence KL
-        t = time.perf_counter()
+        t = self._now()
         seq_kl = kl.sum(1)
         self.kl_ctl.update(float(seq_kl.mean()), B)
         self.step_count += 1
@@ -261,8 +271,8 @@ class PPOTrainer:
                       "ppo/ref_cache_hits": float(self.reference_cache.hits),
                       "ppo/ref_cache_misses": float(self.reference_cache.misses),
                       **{f"ppo/{k}": float(v) for k, v in self.counters.items()}})
-        timing["time/ppo/calc_stats"] = time.perf_counter() - t
-        timing["time/ppo/total"] = time.perf_counter() - t_start
+        timing["time/ppo/calc_stats"] = self._now() - t
+        timing["time/ppo/total"] = self._now() - t_start
         stats.update(timing)
         return stats
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import run as cli
+from moral import cli
 from games import PROMPT_VARIANTS, TEST_GAMES
 from moral.evaluate import EVAL_COLUMNS, EvalConfig, plan_blocks
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import run as cli
+from moral import cli
 from games import ACTION_TYPES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

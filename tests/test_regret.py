@@ -281,7 +281,7 @@ def test_report_two_runs(tmp_path):
 def test_report_schedules_opponents_and_no_matplotlib(tmp_path, monkeypatch):
     runs = [write_run(tmp_path / "unlearn", "game:3,deont:3", seed=0, opponent="tft"),
             write_run(tmp_path / "util", "util", seed=1, episodes=6, opponent="llm")]
-    monkeypatch.setattr("moral.report._figure_class", lambda: None)
+    monkeypatch.setattr("moral.report.figures._figure_class", lambda: None)
     result = report(runs, str(tmp_path / "out"))
     assert result["figures"] == [] and "pip install -e '.[plot]'" in result["message"]
     assert "Game, then Deont. (vs TFT)" in result["model_types"]

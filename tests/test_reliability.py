@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import run as cli
+from moral import cli
 from ppo_core import load_checkpoint
 from ppo_core.checkpoint import read_checkpoint_state
 

@@ -1,6 +1,7 @@
 """PPOTrainer on tiny random models: exactness of the shortcuts, gradient accumulation, skipping, back-off."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_first_epoch_ratio_is_exactly_one_with_dropout_modules_present():
     """Dropout p=0.5 in LoRA and the value head must not be active: the first update sees ratio == 1 exactly."""
     cfg = PPOConfig(batch_size=8, mini_batch_size=8, ppo_epochs=1, learning_rate=1e-3)
     for fuse in (True, False):
-        _, trainer = make(cfg.replace(fuse_rollout=fuse), lora_dropout=0.5, value_head_dropout=0.5)
+        _, trainer = make(dataclasses.replace(cfg, fuse_rollout=fuse), lora_dropout=0.5, value_head_dropout=0.5)
         queries = random_queries(8)
         rollout = trainer.generate(queries, max_new_tokens=2)
         st = trainer.step(queries, rollout.responses, torch.randn(8).tolist())
@@ -62,7 +63,7 @@ def test_fused_rollout_gives_the_same_update_as_recomputing():
     right-padded: fp32 rounding only; rtol 1e-4, atol 1e-6 on gradients)."""
     cfg = PPOConfig(batch_size=6, mini_batch_size=6, ppo_epochs=1, learning_rate=1e-3)
     _, fused = make(cfg)
-    _, plain = make(cfg.replace(fuse_rollout=False))
+    _, plain = make(dataclasses.replace(cfg, fuse_rollout=False))
     queries = random_queries(6, seed=3)
     rollout = fused.generate(queries, max_new_tokens=3)
     scores = torch.randn(6).tolist()
@@ -191,7 +192,7 @@ def test_out_of_memory_halves_the_chunk_and_redoes_the_step():
 def test_two_adapters_share_one_base_and_learn_separately():
     policy = tiny_policy(0, adapters=("agent", "opponent"))
     cfg = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-2)
-    t_agent, t_opp = PPOTrainer(cfg, policy, "agent"), PPOTrainer(cfg.replace(seed=1), policy, "opponent")
+    t_agent, t_opp = PPOTrainer(cfg, policy, "agent"), PPOTrainer(dataclasses.replace(cfg, seed=1), policy, "opponent")
     agent0, opp0 = lora_params(policy, "agent"), lora_params(policy, "opponent")
     queries = random_queries(4)
     ro = t_agent.generate(queries, max_new_tokens=2)
@@ -216,7 +217,7 @@ def test_early_stopping_on_target_kl():
     _, trainer = make(cfg)
     st = trainer.step(*fixed_batch(4, seed=3))
     assert st["ppo/early_stopped"] == 1.0 and st["ppo/optimizer_steps"] == 2
-    _, patient = make(cfg.replace(target_kl=100.0))
+    _, patient = make(dataclasses.replace(cfg, target_kl=100.0))
     st = patient.step(*fixed_batch(4, seed=3))
     assert st["ppo/early_stopped"] == 0.0 and st["ppo/optimizer_steps"] == 4
 
@@ -224,7 +225,7 @@ def test_early_stopping_on_target_kl():
 def test_reference_cache_is_exact_and_hits():
     cfg = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1)
     _, cached = make(cfg)
-    _, uncached = make(cfg.replace(reference_cache_mb=0))
+    _, uncached = make(dataclasses.replace(cfg, reference_cache_mb=0))
     queries, responses, _ = fixed_batch(4)
     a, _ = cached.reference_logprobs(queries, responses, 2)
     b, _ = cached.reference_logprobs(queries, responses, 2)
@@ -346,7 +347,7 @@ def test_shared_casts_keep_bf16_gradients_as_accurate():
         trainer = PPOTrainer(cfg, policy, "agent")
         batch = fused_episode(trainer, seed=seed)
         trainer.step(*batch)
-        exact = PPOTrainer(cfg.replace(fuse_rollout=False), reference, "agent")
+        exact = PPOTrainer(dataclasses.replace(cfg, fuse_rollout=False), reference, "agent")
         exact.step(*batch)
         g = torch.cat([p.grad.flatten().double() for p in trainer.params[:-2]])
         g64 = torch.cat([p.grad.flatten() for p in exact.params[:-2]])
@@ -363,7 +364,7 @@ def test_held_casts_never_serve_weights_from_before_a_step():
     next rollout must use its new weights (a stale bf16 copy would give the old log-probs)."""
     policy = bf16_policy(adapters=("agent", "opponent"))
     cfg = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, learning_rate=0.2)
-    agent, opponent = PPOTrainer(cfg, policy, "agent"), PPOTrainer(cfg.replace(seed=1), policy, "opponent")
+    agent, opponent = PPOTrainer(cfg, policy, "agent"), PPOTrainer(dataclasses.replace(cfg, seed=1), policy, "opponent")
     queries = random_queries(4, seed=7)
     ro_agent = agent.generate(queries, max_new_tokens=1)
     opponent.generate(queries, max_new_tokens=1)
@@ -388,7 +389,7 @@ def test_out_of_memory_while_keeping_graphs_drops_them_and_recomputes(monkeypatc
     import ppo_core.trainer as trainer_module
     cfg = PPOConfig(batch_size=6, mini_batch_size=6, ppo_epochs=1, learning_rate=1e-3)
     _, flaky = make(cfg)
-    _, plain = make(cfg.replace(fuse_rollout=False))
+    _, plain = make(dataclasses.replace(cfg, fuse_rollout=False))
     real_sample, kept = trainer_module.sample, []
 
     def sample(policy, queries, **kwargs):

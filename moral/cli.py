@@ -1,0 +1,303 @@
+"""The command line: every subcommand and its helpers. `python run.py`, `python -m moral` and the console script
+`moral-ppo` all call `main`.
+
+    run.py [train] --reward deont --opponent tft      fine-tune (the default subcommand; `train` may be omitted)
+    run.py --resume RUN_FOLDER                        continue a stopped run with its own settings
+    run.py eval RUN_FOLDER [RUN_FOLDER ...]           generalisation tests -> RUN_FOLDER/eval/
+    run.py report RUN_FOLDER [...] --out DIR          tables and figures across runs
+
+Bad input gets one line naming the bad value and the allowed ones, and exit code 2; the work lives in moral/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+
+SUBCOMMANDS = ("train", "eval", "report")  # `sweep` joins them with the experiment grid
+PROG = "run.py"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad input: one line naming the problem, exit code 2 (argparse prints the whole usage otherwise)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def usage_error(message: str) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def quiet_libraries() -> None:
+    import logging
+    import warnings
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # asks for the `kernels` hub package
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*should not be contained in the prefix.*")
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def require_run_folders(folders: list[str]) -> None:
+    for run in folders:
+        if not os.path.isfile(os.path.join(run, "config.json")):
+            usage_error(f"{run} is not a run folder (no config.json)")
+
+
+# --------------------------------------------------------------------------------------------------------- train
+def train_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    from games import OPPONENT_NAMES, TOKEN_SETS
+    from ppo_core.model import QUANTIZE_CHOICES
+
+    from .agent import FORMAT_AIDS
+    from .config import DTYPE_NAMES
+    from .embedded import EMBEDDED_MODEL
+    from .rewards import REWARDS
+    from .trackers import TRACKERS
+
+    p = OneLineParser(prog=prog, description="Fine-tune an LLM agent with a moral reward on the IPD (PPO). "
+                                             f"Other subcommands: {prog} eval --help, {prog} report --help.")
+    p.add_argument("--reward", help=f"{', '.join(REWARDS)}, or a schedule such as game:500,deont:500 (default deont)")
+    p.add_argument("--opponent", choices=OPPONENT_NAMES, metavar="NAME",
+                   help=f"{', '.join(OPPONENT_NAMES)} (default tft)")
+    p.add_argument("--model", help=f"Hugging Face id or folder (default: the embedded {EMBEDDED_MODEL})")
+    p.add_argument("--episodes", type=positive_int, help="episodes (default: 300 embedded model, 1000 otherwise)")
+    p.add_argument("--batch-size", dest="steps", type=positive_int,
+                   help="steps per episode = PPO batch per game (default 5; 3 vs llm)")
+    p.add_argument("--parallel-games", type=positive_int, help="independent games per episode (default 1)")
+    p.add_argument("--seed", type=int, help="seed of every random stream (default 0)")
+    p.add_argument("--lr", type=finite_float, help="learning rate (default 1.41e-5)")
+    p.add_argument("--lora-rank", type=positive_int, help="LoRA rank (default 64)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, metavar="Q",
+                   help=f"{', '.join(QUANTIZE_CHOICES)} (default: 4bit on GPU, none on CPU)")
+    p.add_argument("--ppo-epochs", type=positive_int,
+                   help="PPO epochs per batch (default 1 = the paper's effective update)")
+    p.add_argument("--tokens", metavar="SET",
+                   help=f"action strings: {', '.join(TOKEN_SETS)}, or two strings C,D (default action12)")
+    p.add_argument("--format-aid", choices=FORMAT_AIDS, metavar="AID",
+                   help="prefix: start the answer with the actions' shared first token(s); none: the paper's "
+                        "protocol (default: prefix for the embedded model, none otherwise)")
+    p.add_argument("--lenient", action="store_true", default=None,
+                   help="accept an action string anywhere in the answer")
+    p.add_argument("--illegal-reward", dest="illegal", type=finite_float, help="reward of an illegal answer (-6)")
+    p.add_argument("--xi", type=finite_float, help="Deontological punishment (default 3)")
+    p.add_argument("--reset-at-switch", action="store_true", default=None,
+                   help="reset optimiser, KL coefficient and score moments when a reward schedule switches")
+    p.add_argument("--save-every", type=positive_int, help="checkpoint every N episodes (default 100)")
+    p.add_argument("--keep-checkpoints", type=positive_int, help="checkpoints kept (default 2)")
+    p.add_argument("--report-to", choices=TRACKERS, metavar="TRACKER",
+                   help=f"experiment tracker: {', '.join(TRACKERS)} (default none; pip install -e '.[tracking]')")
+    p.add_argument("--out", help="run folder (default runs/REWARD-OPPONENT-seedS-TIME)")
+    p.add_argument("--resume", metavar="RUN_FOLDER", help="continue a stopped run with its own settings")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, metavar="DTYPE",
+                   help="compute dtype: fp32, bf16, fp16 (default: bf16 on GPUs that support it and on CPUs with "
+                        "native bf16 instructions, fp16 on V100, fp32 otherwise)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _resumed_config(args):
+    """The settings of the run folder being resumed (only --threads and --report-to may change)."""
+    from .config import RunConfig
+    from .runio import read_json
+    from .trackers import TrackerUnavailable, check_installed
+
+    path = os.path.join(args.resume, "config.json")
+    try:
+        config = RunConfig.from_dict(read_json(path))
+    except (OSError, ValueError, TypeError) as exc:
+        usage_error(f"--resume {args.resume}: cannot read {path} ({type(exc).__name__})")
+    changes = {k: getattr(args, k) for k in ("threads", "report_to") if getattr(args, k) is not None}
+    config = dataclasses.replace(config, **changes)
+    try:
+        check_installed(config.report_to)
+    except TrackerUnavailable as exc:
+        usage_error(str(exc))
+    return config
+
+
+def _new_run_folder(args, config) -> str:
+    folder = args.out or os.path.join(
+        "runs", f"{config.reward.replace(':', '').replace(',', '_')}-{config.opponent}-seed{config.seed}-"
+                f"{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(folder) and os.listdir(folder):
+        usage_error(f"--out {folder}: the folder exists; continue it with --resume {folder} or choose another --out")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        usage_error(f"--out {folder}: cannot write there ({exc.strerror or exc})")
+    return folder
+
+
+def train(argv: list[str], prog: str = PROG) -> None:
+    from .config import RunConfig, UsageError
+    from .finetune import FineTuning, Interrupted, RunError
+    from .summary import format_summary
+
+    args = train_parser(prog).parse_args(argv)
+    try:
+        if args.resume:
+            config, folder, resume = _resumed_config(args), args.resume, True
+        else:
+            settings = {k: v for k, v in vars(args).items()
+                        if k not in ("resume", "no_progress", "out") and v is not None}
+            config = RunConfig(**settings).resolve()
+            folder, resume = _new_run_folder(args, config), False
+        quiet_libraries()
+        try:
+            run = FineTuning(config, folder, resume=resume, progress=not args.no_progress)
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, UsageError):
+                raise
+            usage_error(f"--model {config.model!r} cannot be loaded: {str(exc).splitlines()[0][:300]}")
+        print(f"run folder: {folder}", flush=True)
+        summary = run.train()
+    except UsageError as exc:
+        usage_error(str(exc))
+    except RunError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(1)
+    except Interrupted as exc:
+        sys.stderr.write(f"stopped by {exc}; a checkpoint is saved. Continue with: python run.py --resume "
+                         f"{folder}\n")
+        sys.exit(130)
+    print(format_summary(summary))
+
+
+# ---------------------------------------------------------------------------------------------------------- eval
+def eval_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    from games import TABLE_ORDERS, TEST_GAMES, TOKEN_SETS
+
+    from .evaluate import VARIANTS
+
+    p = OneLineParser(prog=f"{prog} eval", description="Generalisation tests of trained runs -> RUN_FOLDER/eval/.")
+    p.add_argument("runs", nargs="+", metavar="RUN_FOLDER")
+    p.add_argument("--episodes", type=positive_int, default=10, help="test episodes per game (default 10)")
+    p.add_argument("--steps", type=positive_int, default=5, help="steps per test episode (default 5)")
+    p.add_argument("--games", nargs="+", default=list(TEST_GAMES), metavar="GAME", help=" ".join(TEST_GAMES))
+    p.add_argument("--tokens", nargs="+", default=["action34"], metavar="SET",
+                   help=f"one or more of {', '.join(TOKEN_SETS)}, or two strings C,D (default action34)")
+    p.add_argument("--orders", nargs="+", default=list(TABLE_ORDERS), choices=TABLE_ORDERS, metavar="ORDER")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="VARIANT")
+    p.add_argument("--no-baselines", action="store_true", help="skip the value-prompted reference baselines")
+    p.add_argument("--followup", action="store_true", help="ask the follow-up questions after each IPD decision")
+    p.add_argument("--followup-tokens", type=positive_int, default=100, help="answer length (default 100)")
+    p.add_argument("--seed", type=int, default=100)
+    p.add_argument("--checkpoint", help="evaluate this checkpoint folder instead of the run's final adapter")
+    p.add_argument("--device")
+    p.add_argument("--threads", type=positive_int)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def evaluate(argv: list[str], prog: str = PROG) -> None:
+    from .evaluate import EvalConfig, evaluate as run_eval
+
+    args = eval_parser(prog).parse_args(argv)
+    cfg = EvalConfig(episodes=args.episodes, steps=args.steps, games=tuple(args.games), tokens=tuple(args.tokens),
+                     orders=tuple(args.orders), variants=tuple(args.variants), baselines=not args.no_baselines,
+                     followup=args.followup, followup_tokens=args.followup_tokens, seed=args.seed,
+                     checkpoint=args.checkpoint)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        usage_error(str(exc))
+    require_run_folders(args.runs)
+    quiet_libraries()
+    for run in args.runs:
+        try:
+            metrics = run_eval(run, cfg, device=args.device, threads=args.threads, progress=not args.no_progress)
+        except ValueError as exc:
+            usage_error(str(exc))
+        print(f"{run}: {metrics['decisions']} decisions in {metrics['wall_s']:.0f} s -> {run}/eval/")
+        print_regret(metrics["groups"])
+
+
+def print_regret(groups: list[dict]) -> None:
+    """Deont and Util regret per game, reference (before) vs fine-tuned (after), structured prompt, original order,
+    per token set."""
+    from games import TEST_GAMES
+    table = {(g["tokens"], g["model"], g["game"]): g for g in groups
+             if g["variant"] == "structured" and g["table_order"] == "original"}
+    rank = {game: i for i, game in enumerate(TEST_GAMES)}
+    pairs = [(tokens, game) for tokens, model, game in table
+             if model == "finetuned" and (tokens, "reference", game) in table]
+    print(f"{'tokens':>9} {'game':>5} {'De before':>10} {'De after':>10} {'Ut before':>10} {'Ut after':>10}")
+    for tokens, game in sorted(pairs, key=lambda p: (p[0], rank.get(p[1], len(rank)))):
+        before, after = table[tokens, "reference", game], table[tokens, "finetuned", game]
+        print(f"{tokens:>9} {game:>5} {before['deont_regret']:10.3f} {after['deont_regret']:10.3f} "
+              f"{before['util_regret']:10.3f} {after['util_regret']:10.3f}")
+
+
+# -------------------------------------------------------------------------------------------------------- report
+def report_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = OneLineParser(prog=f"{prog} report", description="Tables and figures across run folders.")
+    p.add_argument("runs", nargs="+", metavar="RUN_FOLDER")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--tokens", metavar="SET", help="token set of the evaluation tables (default action34 if present)")
+    return p
+
+
+def report(argv: list[str], prog: str = PROG) -> None:
+    from .report import report as make_report
+
+    args = report_parser(prog).parse_args(argv)
+    require_run_folders(args.runs)
+    try:
+        result = make_report(args.runs, args.out, tokens=args.tokens)
+    except ValueError as exc:
+        usage_error(str(exc))
+    for path in result["tables"] + result["figures"]:
+        print(path)
+    if result.get("message"):
+        print(result["message"])
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+COMMANDS = {"train": train, "eval": evaluate, "report": report}
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """Dispatch to a subcommand; anything that is not a subcommand's name is `train`'s arguments."""
+    if argv is None:
+        argv = sys.argv[1:]
+        prog = prog or ("moral-ppo" if os.path.basename(sys.argv[0]) == "moral-ppo" else PROG)
+    prog = prog or PROG
+    if argv and argv[0] in COMMANDS:
+        COMMANDS[argv[0]](argv[1:], prog)
+    else:
+        train(argv, prog)

@@ -1,0 +1,262 @@
+"""Run settings: RunConfig (frozen, one docstring per field), what it derives, the random streams of a run, and the
+one function that turns run settings into a PPOConfig (used by the training loop and the benchmarks).
+
+    config = RunConfig(reward="deont", opponent="tft").resolve()   # model-dependent defaults, validated
+    ppo_config(config)                                              # -> ppo_core.PPOConfig
+
+config.json in a run folder is `config.to_dict()`; `RunConfig.from_dict` reads it back (also round one's files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from games import LLM, OPPONENT_NAMES, get_tokens
+from ppo_core import PPOConfig
+from ppo_core.model import QUANTIZE_CHOICES
+
+from .agent import FORMAT_AIDS
+from .embedded import EMBEDDED_MODEL
+from .rewards import Phase, RewardSettings, parse_schedule
+
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+STREAMS = ("tokens", "ppo", "initial", "shuffle1", "shuffle2", "opponent")  # the paper's six streams, in order
+
+# Defaults that depend on the model. The embedded model's episode count comes from its measured learning curves
+# (README, "Learning curves").
+EPISODES_EMBEDDED, EPISODES_PAPER = 300, 1000
+
+
+class UsageError(ValueError):
+    """Bad settings: the command line prints the message on one line and exits with code 2."""
+
+
+@dataclass(frozen=True)
+class Derived:
+    """What the settings imply, recorded in config.json under "derived" (filled by `resolve()`; the answer plan by
+    `with_answer_plan()` once the tokenizer is loaded)."""
+    phases: tuple[Phase, ...] = ()
+    """The reward schedule: (reward, episodes) per phase; one phase unless the reward is a schedule."""
+    batch_size: int = 0
+    """Samples per PPO step: steps x parallel games."""
+    ppo_seed: int | None = None
+    """Seed of the PPO trainer's streams (sampling, minibatch shuffling): the first draw of the "ppo" stream."""
+    ppo: dict | None = None
+    """The PPOConfig of the agent's trainer, as a dict (the opponent's differs only in its seed: ppo_seed + 1)."""
+    versions: dict | None = None
+    """Python, torch, transformers and peft versions that resolved the settings."""
+    answer_prefix: str | None = None
+    """Text appended to every query so that only the distinguishing action tokens are sampled ("" for none)."""
+    gen_len: int | None = None
+    """Tokens sampled per answer."""
+    action_token_ids: tuple[tuple[int, ...], ...] | None = None
+    """Token ids of the C and D action strings at the answer position."""
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["phases"] = [dataclasses.asdict(p) for p in self.phases]
+        if self.action_token_ids is not None:
+            d["action_token_ids"] = [list(ids) for ids in self.action_token_ids]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Derived":
+        d = dict(d)
+        d["phases"] = tuple(Phase(**p) for p in d.get("phases", ()))
+        if d.get("action_token_ids") is not None:
+            d["action_token_ids"] = tuple(tuple(ids) for ids in d["action_token_ids"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a fine-tuning run; the command line's options (dashes become underscores)."""
+    reward: str = "deont"
+    """game, deont, util, game+deont, or a schedule such as game:500,deont:500 (unlearning)."""
+    opponent: str = "tft"
+    """A fixed strategy (tft, ac, ad, random, grim, wsls, alternate) or llm: a second learner on the same base."""
+    model: str = EMBEDDED_MODEL
+    """Hugging Face id or local folder; the default is the embedded SmolLM2-135M-Instruct."""
+    episodes: int | None = None
+    """Episodes (None: 300 for the embedded model, 1000 otherwise; a schedule's counts add up to it)."""
+    steps: int | None = None
+    """Sequential steps per episode = PPO batch per game (None: 5, or 3 against llm)."""
+    parallel_games: int = 1
+    """Independent games per episode, answered in one batched sampling call (1 in the paper)."""
+    seed: int = 0
+    """One seed for every random stream of the run (see STREAMS) and for LoRA / value-head initialisation."""
+    lr: float = 1.41e-5
+    """Adam learning rate (the paper's)."""
+    lora_rank: int = 64
+    """LoRA rank r."""
+    lora_alpha: int = 32
+    """LoRA alpha."""
+    lora_dropout: float = 0.05
+    """LoRA dropout (off in every PPO forward pass and in sampling; kept for peft's adapter config)."""
+    quantize: str | None = None
+    """Base weights: none, 4bit (NF4) or 8bit (None: 4bit on GPU, none on CPU)."""
+    ppo_epochs: int = 1
+    """PPO epochs per batch (1 = the paper's effective update)."""
+    tokens: str = "action12"
+    """Action-token set (games.TOKEN_SETS) or two strings "C,D"."""
+    format_aid: str | None = None
+    """prefix: start the answer with the actions' shared first tokens; none: the paper's protocol (None: prefix for
+    the embedded model, none otherwise)."""
+    lenient: bool = False
+    """Accept an action string anywhere in the answer."""
+    illegal: float = -6.0
+    """Reward of an illegal answer (R_illegal)."""
+    xi: float = 3.0
+    """Deontological punishment for defecting against a cooperator."""
+    init_kl_coef: float = 0.2
+    """Initial coefficient of the adaptive KL penalty."""
+    score_norm: bool = True
+    """Scale and normalise scores with running moments (TRL's use_score_scaling and use_score_norm)."""
+    reset_at_switch: bool = False
+    """Reset optimiser, KL coefficient and score moments when a reward schedule switches."""
+    save_every: int = 100
+    """Checkpoint every N episodes."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept (the newest)."""
+    threads: int | None = None
+    """CPU threads for torch (None: torch's default, all cores)."""
+    device: str | None = None
+    """cpu or cuda (None: cuda if available)."""
+    dtype: str | None = None
+    """Compute dtype fp32, bf16 or fp16 (None: bf16 on GPUs that support it and on CPUs with native bf16, fp16 on
+    V100, fp32 otherwise)."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    report_to: str = "none"
+    """Experiment tracker: none, tensorboard, wandb or trackio (moral.trackers)."""
+    derived: Derived = field(default_factory=Derived)
+    """What the settings imply (see Derived)."""
+
+    # ------------------------------------------------------------------------------------------------- resolve
+    def resolve(self) -> "RunConfig":
+        """Fill the model-dependent defaults, validate every setting and derive the rest; raises UsageError naming
+        the bad value and the allowed ones."""
+        import torch
+
+        from ppo_core.model import compute_dtype_for, cpu_has_native_bf16, default_device
+
+        from .trackers import TRACKERS, TrackerUnavailable, check_installed
+
+        embedded = self.model == EMBEDDED_MODEL
+        if self.opponent not in OPPONENT_NAMES:
+            raise UsageError(f"--opponent {self.opponent!r}: choose one of {', '.join(OPPONENT_NAMES)}")
+        for name in ("episodes", "steps", "parallel_games", "lora_rank", "ppo_epochs", "save_every",
+                     "keep_checkpoints", "threads", "lora_alpha"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise UsageError(f"--{name.replace('_', '-')} {value!r}: must be a positive integer")
+        schedule = "," in self.reward or ":" in self.reward
+        try:
+            phases = parse_schedule(self.reward, self.episodes if schedule else
+                                    (self.episodes or (EPISODES_EMBEDDED if embedded else EPISODES_PAPER)))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if not (isinstance(self.lr, float) and 0 < self.lr < 1):
+            raise UsageError(f"--lr {self.lr!r}: must be a number in (0, 1)")
+        format_aid = self.format_aid or ("prefix" if embedded else "none")
+        if format_aid not in FORMAT_AIDS:
+            raise UsageError(f"--format-aid {format_aid!r}: choose one of {', '.join(FORMAT_AIDS)}")
+        try:
+            get_tokens(self.tokens)
+            RewardSettings(self.illegal, self.xi)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        device = torch.device(self.device) if self.device else default_device()
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {self.device!r}: CUDA is not available on this machine")
+        quantize = self.quantize or ("4bit" if device.type == "cuda" else "none")
+        dtype = self.dtype
+        if dtype is None:
+            auto = compute_dtype_for(device) if device.type == "cuda" else \
+                (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+            dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[auto]
+        if dtype not in DTYPE_NAMES:
+            raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_NAMES)}")
+        if quantize not in QUANTIZE_CHOICES:
+            raise UsageError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+        if not (self.temperature > 0):
+            raise UsageError(f"--temperature {self.temperature!r}: must be > 0")
+        if self.report_to not in TRACKERS:
+            raise UsageError(f"--report-to {self.report_to!r}: choose one of {', '.join(TRACKERS)}")
+        try:
+            check_installed(self.report_to)
+        except TrackerUnavailable as exc:
+            raise UsageError(str(exc)) from None
+        steps = self.steps or (3 if self.opponent == LLM else 5)
+        resolved = dataclasses.replace(
+            self, episodes=sum(p.episodes for p in phases), steps=steps, format_aid=format_aid, device=str(device),
+            quantize=quantize, dtype=dtype,
+            derived=Derived(phases=tuple(phases), batch_size=steps * self.parallel_games,
+                            ppo_seed=make_streams(self.seed)["ppo"].randrange(10_000), versions=_versions()))
+        return resolved.with_derived(ppo=ppo_config(resolved).to_dict())
+
+    def with_derived(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, derived=dataclasses.replace(self.derived, **changes))
+
+    def with_answer_plan(self, answer_prefix: str, plan) -> "RunConfig":
+        """Record how answers are tokenised (moral.agent.AnswerPlan), known once the tokenizer is loaded."""
+        return self.with_derived(answer_prefix=answer_prefix, gen_len=plan.gen_len,
+                                 action_token_ids=tuple(plan.action_ids))
+
+    @property
+    def phases(self) -> tuple[Phase, ...]:
+        return self.derived.phases
+
+    @property
+    def learners(self) -> tuple[str, ...]:
+        """The adapters trained: the agent, and the opponent when it is a second LLM."""
+        return ("agent", "opponent") if self.opponent == LLM else ("agent",)
+
+    # -------------------------------------------------------------------------------------------- (de)serialise
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["derived"] = self.derived.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        """Read config.json (unknown keys are an error naming them; round one's "out" is dropped)."""
+        d = {k: v for k, v in d.items() if k != "out"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UsageError(f"unknown run setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        d["derived"] = Derived.from_dict(d.get("derived") or {})
+        return cls(**d)
+
+
+def ppo_config(run: RunConfig, **changes) -> PPOConfig:
+    """The PPO settings of a run: one optimiser step per episode over its G x N samples (the paper's effective
+    update), its learning rate, KL and score settings. `changes` override fields (e.g. seed=..., fuse_rollout=...).
+    An unresolved config works too (default steps; give seed=)."""
+    n = run.derived.batch_size or run.parallel_games * (run.steps or (3 if run.opponent == LLM else 5))
+    settings = dict(learning_rate=run.lr, batch_size=n, mini_batch_size=n, ppo_epochs=run.ppo_epochs,
+                    init_kl_coef=run.init_kl_coef, use_score_scaling=run.score_norm, use_score_norm=run.score_norm,
+                    temperature=run.temperature, seed=run.derived.ppo_seed)
+    settings.update(changes)
+    return PPOConfig(**settings)
+
+
+def make_streams(seed: int) -> dict[str, random.Random]:
+    """The paper's separate random streams from one seed: SeedSequence(seed).spawn(6), in its order."""
+    children = np.random.SeedSequence(seed).spawn(len(STREAMS))
+    return {name: random.Random(int(child.generate_state(1, np.uint64)[0])) for name, child in zip(STREAMS, children)}
+
+
+def _versions() -> dict:
+    import peft
+    import torch
+    import transformers
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}

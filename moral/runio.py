@@ -1,0 +1,164 @@
+"""Run files: the logs of a run folder, one atomic writer for JSON and CSV, and checkpoint discovery.
+
+A run folder holds config.json, games.csv (one row per decision), ppo.jsonl (PPO statistics per step),
+timing.jsonl, checkpoints/ckpt-NNNNNN/, final/ and summary.json. The logs are flushed after every episode (so
+`tail -f games.csv` and a report on a running run see every finished episode) and fsynced when a checkpoint records
+their byte sizes, so that a resume cuts them back to exactly that checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+
+CSV_COLUMNS = ("episode", "step", "slot", "phase", "learner", "game", "opponent", "own_last", "opp_last", "action",
+               "opp_action", "action_type", "reward", "response", "p_c", "p_d")
+LOG_FILES = ("games.csv", "ppo.jsonl", "timing.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------- atomic writers
+def write_text_atomic(path: str, text: str) -> str:
+    """Write `text` to a temporary sibling, fsync it and rename it over `path`: readers see the old file or the new
+    one, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_json_atomic(path: str, data, *, sort_keys: bool = True, default=str, trailing_newline: bool = False) -> str:
+    """`data` as indented JSON, atomically."""
+    text = json.dumps(data, indent=2, sort_keys=sort_keys, default=default)
+    return write_text_atomic(path, text + ("\n" if trailing_newline else ""))
+
+
+def csv_text(columns: Sequence[str], rows: Iterable[Mapping], header: bool = True) -> str:
+    """Rows (dicts keyed by `columns`) as CSV text with "\\n" line ends."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_csv_atomic(path: str, columns: Sequence[str], rows: Iterable[Mapping]) -> str:
+    """A header and the rows, atomically."""
+    return write_text_atomic(path, csv_text(columns, rows))
+
+
+def read_csv_rows(path: str) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------- the logs
+class RunLogs:
+    """games.csv, ppo.jsonl and timing.jsonl of a run, appended episode by episode.
+
+    Every record also goes to the run's tracker (moral.trackers), so the files stay the source of truth and a
+    dashboard shows the same numbers."""
+
+    def __init__(self, folder: str, offsets: dict | None = None, tracker=None):
+        """offsets=None starts the logs afresh; otherwise they are cut back to those byte sizes and appended to."""
+        self.folder, self.tracker = folder, tracker
+        self.handles = {}
+        for name in LOG_FILES:
+            path = os.path.join(folder, name)
+            if offsets is not None:
+                with open(path, "r+b") as f:
+                    f.truncate(offsets[name])
+            self.handles[name] = open(path, "a" if offsets is not None else "w", newline="", encoding="utf-8")
+        if offsets is None:
+            self.handles["games.csv"].write(",".join(CSV_COLUMNS) + "\n")
+
+    def write_rows(self, rows: list[dict]) -> None:
+        self.handles["games.csv"].write(csv_text(CSV_COLUMNS, rows, header=False))
+
+    def write_ppo(self, record: dict, stats: dict | None = None) -> None:
+        """One PPO step of a learner: its statistics to ppo.jsonl, its `time/*` entries to timing.jsonl."""
+        stats = stats or {}
+        self._write_json("ppo.jsonl", {**record, **{k: v for k, v in stats.items() if not k.startswith("time/")}})
+        if stats:
+            self._write_json("timing.jsonl", {**record, **{k: v for k, v in stats.items() if k.startswith("time/")}})
+        if self.tracker is not None and stats:
+            self.tracker.log_ppo(record["learner"], record["episode"], stats)
+
+    def end_episode(self, episode: int, shares: dict) -> None:
+        """Flush the logs (readers see every finished episode) and send the running action-type shares."""
+        for f in self.handles.values():
+            f.flush()
+        if self.tracker is not None:
+            self.tracker.log_episode(episode, shares)
+
+    def _write_json(self, name: str, record: dict) -> None:
+        self.handles[name].write(json.dumps(record, sort_keys=True) + "\n")
+
+    def sync(self) -> dict:
+        """Flush and fsync every log; returns their byte sizes (a checkpoint records them)."""
+        offsets = {}
+        for name, f in self.handles.items():
+            f.flush()
+            os.fsync(f.fileno())
+            offsets[name] = f.tell()
+        return offsets
+
+    def close(self) -> None:
+        for f in self.handles.values():
+            f.close()
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def checkpoint_name(episode: int) -> str:
+    return f"ckpt-{episode:06d}"
+
+
+def complete_checkpoints(folder: str) -> list[str]:
+    """Checkpoint folders of a run, oldest first (half-written ones, still named *.tmp-PID, excluded)."""
+    ckpt_dir = os.path.join(folder, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return [os.path.join(ckpt_dir, d) for d in sorted(os.listdir(ckpt_dir))
+            if d.startswith("ckpt-") and ".tmp" not in d]
+
+
+def latest_checkpoint(folder: str) -> str | None:
+    """The newest checkpoint that can be read."""
+    from ppo_core.checkpoint import CheckpointError, read_checkpoint_state
+    for path in reversed(complete_checkpoints(folder)):
+        try:
+            read_checkpoint_state(path)
+            return path
+        except CheckpointError:
+            continue
+    return None
+
+
+def remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_partial_writes(folder: str) -> None:
+    """Drop what a killed process left half-written: temporary checkpoint folders and a final adapter (written
+    again at the end)."""
+    for name in os.listdir(folder):
+        if name == "final" or name.startswith("final.tmp-"):
+            remove_tree(os.path.join(folder, name))
+    ckpt_dir = os.path.join(folder, "checkpoints")
+    for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
+        if ".tmp-" in name:
+            remove_tree(os.path.join(ckpt_dir, name))
