@@ -225,14 +225,6 @@ def gemma2_config(name: str):
         tie_word_embeddings=True)
 
 
-def tiny_llama_config(vocab_size: int = 64):
-    """The 2-layer, hidden-64 Llama of the tests."""
-    from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-
 def build_random_checkpoint(config, folder: str, device: torch.device, dtype: torch.dtype = torch.bfloat16,
                             seed: int = 0) -> dict:
     """Random-weight causal LM from `config`, saved with save_pretrained to `folder` (so that it loads through
@@ -268,12 +260,9 @@ def load_policy(folder: str, device: torch.device, adapters=("agent",), lora=Non
 
 
 def ppo_config(batch_size: int, seed: int = 0, **changes):
-    """The job's PPO settings (moral.finetune.FineTuning._ppo_config): one optimiser step per episode."""
-    from ppo_core import PPOConfig
-    settings = dict(learning_rate=1.41e-5, batch_size=batch_size, mini_batch_size=batch_size, ppo_epochs=1,
-                    init_kl_coef=0.2, use_score_scaling=True, use_score_norm=True, seed=seed)
-    settings.update(changes)
-    return PPOConfig(**settings)
+    """The job's PPO settings (moral.config.ppo_config: one optimiser step per episode) for `batch_size` samples."""
+    from moral.config import RunConfig, ppo_config as run_ppo_config
+    return run_ppo_config(RunConfig(steps=batch_size), seed=seed, **changes)
 
 
 # ------------------------------------------------------------------------------------------------ FLOP model
@@ -420,20 +409,6 @@ def random_prompt_pool(count: int, length: int, vocab: int, device: torch.device
             for _ in range(count)]
 
 
-def instrument(trainer, clock: Clock, totals: dict) -> None:
-    """Time the reference pass and the backward + optimiser step inside PPOTrainer.step (synchronised)."""
-    for attr, key in (("reference_logprobs", "reference_s"), ("_optimizer_step", "backward_optimizer_s")):
-        inner = getattr(trainer, attr, None)
-        if inner is None:
-            continue
-
-        def timed(*args, _inner=inner, _key=key, **kwargs):
-            with clock.region(totals, _key):
-                return _inner(*args, **kwargs)
-
-        setattr(trainer, attr, timed)
-
-
 @dataclass
 class Workload:
     games: int = 1
@@ -449,9 +424,12 @@ class Workload:
 
 def run_episode(trainers: dict, pool: list[torch.Tensor], work: Workload, rng: random.Random, clock: Clock,
                 totals: dict, dims: Dims | None = None, quantize: str = "4bit", dtype_bytes: int = 2) -> dict:
-    """One episode of the job: N steps; at each step every learner answers G prompts in one generate call; then
-    one PPO step per learner on its G x N samples. Returns timings, PPO timings and counted work."""
-    for key in ("generation_s", "step_s", "reference_s", "backward_optimizer_s"):
+    """A synthetic episode of the job's shape for models without a tokenizer (the GPU suite's random-weight Gemma-2):
+    N steps; at each step every learner answers G prompts drawn from `pool` in one generate call; then one PPO step
+    per learner on its G x N samples with random scores. The real episode (prompts, games, rewards) is
+    moral.finetune.FineTuning.run_episode, which the CPU benchmark times. Returns timings, PPO timings and counted
+    work; set trainer.sync_timing for device-synchronised PPO timings (run_case does)."""
+    for key in ("generation_s", "step_s"):
         totals[key] = 0.0
     batches = {name: ([], [], []) for name in trainers}
     distinct = {name: [] for name in trainers}  # prefills per generate call
@@ -482,6 +460,9 @@ def run_episode(trainers: dict, pool: list[torch.Tensor], work: Workload, rng: r
         misses[name] = trainer.reference_cache.misses - before
     clock.sync()
     record = {"episode_s": time.perf_counter() - t0, **dict(totals)}
+    # the trainer's own synchronised timings (PPOTrainer.sync_timing): reference pass; backward + optimiser steps
+    record["reference_s"] = sum(st["time/ppo/reference"] for st in stats.values())
+    record["backward_optimizer_s"] = sum(st["time/ppo/optimize_step"] for st in stats.values())
     record["step_other_s"] = record["step_s"] - record["reference_s"] - record["backward_optimizer_s"]
     host = defaultdict(float)
     for st in stats.values():
@@ -523,7 +504,7 @@ def run_case(trainers: dict, pool: list[torch.Tensor], work: Workload, *, warmup
     rng = random.Random(seed)
     totals = defaultdict(float)
     for trainer in trainers.values():
-        instrument(trainer, clock, totals)
+        trainer.sync_timing = True
     device = clock.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -595,12 +576,9 @@ def release(trainers: dict, device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------------------------------- results
 def write_json(path: str, data: dict) -> None:
+    from moral.runio import write_json_atomic
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=_jsonable)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, sort_keys=False, default=_jsonable, trailing_newline=True)
 
 
 def _jsonable(value):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks import bench
+from ppo_core.testing import tiny_llama_config
 
 pytestmark = pytest.mark.cpu_benchmark
 
@@ -19,7 +20,7 @@ def test_tiny_llama_generation_call_and_ppo_step(cpu_record):
     from ppo_core import LoraSettings, PolicyModel, PPOTrainer
 
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(bench.tiny_llama_config(vocab_size=64)).eval()
+    lm = LlamaForCausalLM(tiny_llama_config(vocab_size=64)).eval()
     policy = PolicyModel(lm, adapters=("agent",), lora=LoraSettings(r=8, alpha=16, dropout=0.05))
     queries = bench.random_prompt_pool(5, 32, 64, "cpu", seed=1)
     timings, flags = {}, {}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from benchmarks import bench, gpu_suite
+from ppo_core.testing import tiny_llama_config
 
 pytestmark = pytest.mark.cpu_benchmark
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +73,7 @@ def test_flop_model_matches_torch_flop_counter(arch, fuse, gen_len, one_thread):
     from torch.utils.flop_counter import FlopCounterMode
 
     from ppo_core import LoraSettings, PPOTrainer
-    config = bench.gemma2_config(arch) if arch.startswith("tiny-gemma") else bench.tiny_llama_config()
+    config = bench.gemma2_config(arch) if arch.startswith("tiny-gemma") else tiny_llama_config()
     with tempfile.TemporaryDirectory() as folder:
         bench.build_random_checkpoint(config, folder, torch.device("cpu"), dtype=torch.float32)
         lora = LoraSettings(r=8, alpha=16, dropout=0.0)

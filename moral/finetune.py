@@ -48,6 +48,13 @@ class Interrupted(Exception):
 
 
 @dataclass
+class Episode:
+    """What one episode produced: its games.csv rows and each learner's PPO statistics."""
+    rows: list[dict]
+    stats: dict[str, dict[str, float]]
+
+
+@dataclass
 class Batch:
     """One learner's samples of an episode: the input of its PPO step."""
     queries: list = field(default_factory=list)
@@ -148,9 +155,8 @@ class FineTuning:
                     self._save_checkpoint()
                 raise Interrupted(self._stop_signal)
 
-    def run_episode(self) -> list[dict]:
-        """One episode: G games from random last moves, N steps, one PPO update per learner; returns the rows
-        written to games.csv."""
+    def run_episode(self) -> Episode:
+        """One episode: G games from random last moves, N steps, one PPO update per learner."""
         index = self.phase_index(self.episode)
         phase = self.config.phases[index]
         if self.config.reset_at_switch and self.episode > 0 and self.phase_index(self.episode - 1) != index:
@@ -161,12 +167,12 @@ class FineTuning:
         for step in range(self.config.steps):
             rows += self.play_step(step, phase, games, opponents, batch)
         self.logs.write_rows(rows)
-        self.update(phase, batch)
+        stats = self.update(phase, batch)
         agent = [r for r in rows if r["learner"] == "agent"]
         self.shares.add([r["action_type"] for r in agent], [r["reward"] for r in agent])
         self.logs.end_episode(self.episode, self.shares.last)
         self.episode += 1
-        return rows
+        return Episode(rows, stats)
 
     def play_step(self, step: int, phase: Phase, games: list[IteratedGame], opponents: list, batch: dict) -> list[dict]:
         """Every game's learners answer their prompts (one sampling call per learner), the fixed opponents move,
@@ -203,8 +209,10 @@ class FineTuning:
             g.step(mine.action, opp_action)
         return rows
 
-    def update(self, phase: Phase, batch: dict) -> None:
-        """One PPO step per learner on its episode's samples (skipped, and counted, when a reward is not finite)."""
+    def update(self, phase: Phase, batch: dict) -> dict[str, dict[str, float]]:
+        """One PPO step per learner on its episode's samples (skipped, and counted, when a reward is not finite);
+        returns the statistics of each learner that stepped."""
+        stepped = {}
         for learner, trainer in self.trainers.items():
             b = batch[learner]
             record = {"episode": self.episode, "phase": phase.reward, "learner": learner}
@@ -218,7 +226,9 @@ class FineTuning:
                     raise NonFiniteError(f"{self._nonfinite_streak} PPO steps in a row had non-finite rewards")
                 continue
             self._nonfinite_streak = 0
-            self.logs.write_ppo(record, trainer.step(b.queries, b.responses, b.scores))
+            stepped[learner] = trainer.step(b.queries, b.responses, b.scores)
+            self.logs.write_ppo(record, stepped[learner])
+        return stepped
 
     def phase_index(self, episode: int) -> int:
         """Index in config.phases of the reward phase an episode belongs to."""

@@ -5,26 +5,14 @@ import os
 import pytest
 import torch
 
+from ppo_core.testing import tiny_llama, tiny_llama_config  # noqa: F401 - shared with the benchmarks
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-
-def tiny_llama_config(vocab_size: int = 64, layers: int = 2, initializer_range: float = 0.02):
-    from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=initializer_range)
-
-
-def tiny_llama(seed: int = 0, vocab_size: int = 64, layers: int = 2, initializer_range: float = 0.02):
-    from transformers import LlamaForCausalLM
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config(vocab_size, layers, initializer_range)).eval()
 
 
 def tiny_policy(seed: int = 0, adapters=("agent",), r: int = 8, lora_dropout: float = 0.0,
                 value_head_dropout: float = 0.1, vocab_size: int = 64, initializer_range: float = 0.02):
-    """A tiny Llama with LoRA adapters. initializer_range=0.02 (HF default) gives nearly uniform next-token
-    distributions whose logits cannot move far (RMSNorm bounds the hidden state); 0.2 gives a head that can."""
+    """A tiny Llama (ppo_core.testing) with LoRA adapters."""
     from ppo_core import LoraSettings, PolicyModel
     lm = tiny_llama(seed, vocab_size, initializer_range=initializer_range)
     torch.manual_seed(seed + 1)

@@ -1,0 +1,57 @@
+"""The command line in one place: run.py, `python -m moral` and the `moral-ppo` console script are the same program,
+and every subcommand works from any directory (the package never imports run.py)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from moral import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, cwd, timeout=300):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "-m", "moral"], ["moral-ppo"], [sys.executable, "run.py"]],
+                         ids=["python-m-moral", "moral-ppo", "run.py"])
+def test_every_entry_point_prints_the_same_help(command, tmp_path):
+    if command[0] == "moral-ppo" and shutil.which("moral-ppo") is None:
+        pytest.fail("the moral-ppo console script is not installed: pip install -e .")
+    cwd = ROOT if command[-1] == "run.py" else str(tmp_path)  # outside the repository root
+    proc = run([*command, "--help"], cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert "--reward" in proc.stdout and "--report-to" in proc.stdout and "eval --help" in proc.stdout
+    proc = run([*command, "eval", "--help"], cwd)
+    assert proc.returncode == 0 and "RUN_FOLDER" in proc.stdout, proc.stderr
+
+
+def test_eval_and_report_run_outside_the_repository(tmp_path, tiny_chat_model_dir):
+    folder = tmp_path / "runs" / "deont"
+    cli.main(["--reward", "deont", "--model", tiny_chat_model_dir, "--episodes", "1", "--lora-rank", "4",
+              "--format-aid", "prefix", "--out", str(folder), "--no-progress"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run([sys.executable, "-m", "moral", "eval", str(folder), "--episodes", "1", "--steps", "1", "--games",
+                "IPD", "--orders", "original", "--variants", "structured", "--no-baselines", "--tokens", "action12",
+                "--no-progress"], str(elsewhere))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (folder / "eval" / "decisions.csv").is_file()
+    proc = run(["moral-ppo", "report", str(folder), "--out", "report"], str(elsewhere))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (elsewhere / "report" / "regret.md").is_file() and (elsewhere / "report" / "training_curves.csv").is_file()
+
+
+def test_no_module_of_the_package_imports_run_py():
+    for folder in ("moral", "ppo_core", "games"):
+        for where, _, names in os.walk(os.path.join(ROOT, folder)):
+            for name in names:
+                if name.endswith(".py"):
+                    text = open(os.path.join(where, name)).read()
+                    assert not re.search(r"^\s*(import run\b|from run import)", text, flags=re.M), name
