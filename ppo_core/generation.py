@@ -9,6 +9,7 @@ import torch
 
 from .batching import pad_left, position_ids_from_mask, unique_sequences
 from .functional import entropy_from_logits, logprobs_from_logits
+from .tree import PromptTree, subtree_chunks
 
 
 @dataclass
@@ -55,14 +56,18 @@ def sample_tokens(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
 def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, stop_at_eos: bool = False, eos_token_id=None,
            pad_token_id: int = 0, generator: torch.Generator | None = None, keep_graph: bool = False,
-           memo: dict | None = None, probe_tokens: list[int] | None = None) -> Rollout:
+           tree: PromptTree | None = None, max_tokens: int | None = None, memo: dict | None = None,
+           probe_tokens: list[int] | None = None) -> Rollout:
     """Sample responses for ragged queries (each [L_i] long, preferably on the CPU: they are keyed on the host)
     with the policy's active adapter (or inside ``policy.reference()``). Responses come back as CPU tensors.
 
     Fixed-length mode (default, as in the paper): exactly max_new_tokens per query, EOS does not stop.
     stop_at_eos=True: a response ends with its first EOS token (kept) or at max_new_tokens.
-    Identical queries share one prefill. memo (optional, used when max_new_tokens == 1): query -> (logits, value)
-    of earlier calls under the *same* weights; the caller must clear it when the weights change.
+    The queries and their answers grow a prompt tree (ppo_core.tree), so every distinct token is computed once.
+    tree: a tree of earlier calls under the *same* weights to extend (the caller drops it when the weights
+    change); without one, each chunk of queries whose tree fits in max_tokens nodes gets a fresh tree.
+    Models that cannot take the tree's mask use left-padded batches: there identical queries share one prefill,
+    and memo (max_new_tokens == 1 only) maps a query to its (logits, value) under the same weights.
     probe_tokens: token ids whose first-step log-probs to return (e.g. the two actions' first tokens).
     """
     if max_new_tokens < 1:
@@ -71,71 +76,149 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
         raise ValueError("sample() needs at least one query, and every query needs at least one token")
     if stop_at_eos and eos_token_id is None:
         raise ValueError("stop_at_eos=True needs eos_token_id")
-    device = policy.device
     eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
-                           device=device, dtype=torch.long)
-    keys, inverse_list = unique_sequences([tuple(q.tolist()) for q in queries])  # CPU queries: no device sync
-    inverse = torch.tensor(inverse_list, device=device)
-    use_memo = memo is not None and max_new_tokens == 1
+                           device=policy.device, dtype=torch.long)
+    run = _Sampling(policy, max_new_tokens, temperature, top_k, top_p, stop_at_eos, eos_ids, generator,
+                    keep_graph, probe_tokens)
+    if not policy.tree_supported:
+        return run.padded(queries, pad_token_id, memo)
+    if tree is not None:
+        return run.tree(queries, tree, max_tokens)
+    keys = [tuple(q.tolist()) for q in queries]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    chunks = subtree_chunks([keys[i] for i in order], max_tokens)
+    if len(chunks) == 1:
+        return run.tree(queries, PromptTree(policy), None)
+    parts, rows = [], []
+    for chunk in chunks:  # each chunk's tree fits the budget; rows go back to the callers' order afterwards
+        idx = [order[j] for j in chunk]
+        parts.append(run.tree([queries[i] for i in idx], PromptTree(policy), None))
+        rows += idx
+    back = torch.tensor(sorted(range(len(rows)), key=rows.__getitem__))
+    return select_rows(join_rollouts(parts), back)
 
-    with torch.set_grad_enabled(keep_graph):
-        todo = [k for k in keys if not (use_memo and k in memo)]
-        cache = attention_mask = positions = None
-        if todo:
-            ids, attention_mask = pad_left([torch.tensor(k, device=device) for k in todo], pad_token_id)
-            positions = position_ids_from_mask(attention_mask)
-            hidden, cache = policy.hidden_states(ids, attention_mask, positions, use_cache=max_new_tokens > 1)
-            last = hidden[:, -1]
-            new_logits = policy.logits(last, temperature)
-            new_values = policy.values(last) if keep_graph else None
+
+class _Sampling:
+    """One sampling call's settings; `tree` and `padded` are its two ways of computing the steps."""
+
+    def __init__(self, policy, max_new_tokens, temperature, top_k, top_p, stop_at_eos, eos_ids, generator,
+                 keep_graph, probe_tokens):
+        self.policy, self.max_new_tokens, self.temperature = policy, max_new_tokens, temperature
+        self.top_k, self.top_p, self.stop_at_eos, self.eos_ids = top_k, top_p, stop_at_eos, eos_ids
+        self.generator, self.keep_graph, self.probe_tokens = generator, keep_graph, probe_tokens
+
+    def heads(self, hidden: torch.Tensor):
+        """Logits (temperature applied) and, when keeping the graph, values of the states `hidden` [B, H]."""
+        return (self.policy.logits(hidden, self.temperature),
+                self.policy.values(hidden) if self.keep_graph else None)
+
+    def tree(self, queries, tree: PromptTree, max_tokens) -> Rollout:
+        """The queries' new nodes, then one child per row and sampled token, computed as the tree grows."""
+        with torch.set_grad_enabled(self.keep_graph):
+            lasts = [tree.insert(q.tolist())[-1] for q in queries]
+            tree.compute(max_tokens)
+
+            def advance(token):
+                nonlocal lasts
+                lasts = [tree.insert((t,), parent=last)[0] for last, t in zip(lasts, token.tolist())]
+                tree.compute(max_tokens)
+                return self.heads(tree.hidden(lasts))
+
+            return self.steps(*self.heads(tree.hidden(lasts)), advance, len(queries))
+
+    def padded(self, queries, pad_token_id, memo) -> Rollout:
+        """Left-padded, KV-cached sampling for models that cannot take the prompt tree's mask."""
+        policy, device = self.policy, self.policy.device
+        keys, inverse_list = unique_sequences([tuple(q.tolist()) for q in queries])  # CPU queries: no device sync
+        inverse = torch.tensor(inverse_list, device=device)
+        use_memo = memo is not None and self.max_new_tokens == 1
+        with torch.set_grad_enabled(self.keep_graph):
+            todo = [k for k in keys if not (use_memo and k in memo)]
+            state = {}
+            if todo:
+                ids, attention_mask = pad_left([torch.tensor(k, device=device) for k in todo], pad_token_id)
+                positions = position_ids_from_mask(attention_mask)
+                hidden, cache = policy.hidden_states(ids, attention_mask, positions,
+                                                     use_cache=self.max_new_tokens > 1)
+                new_logits, new_values = self.heads(hidden[:, -1])
+                if use_memo:
+                    for j, k in enumerate(todo):
+                        memo[k] = (new_logits[j], None if new_values is None else new_values[j])
             if use_memo:
-                for j, k in enumerate(todo):
-                    memo[k] = (new_logits[j], None if new_values is None else new_values[j])
-        if use_memo:
-            step_logits = torch.stack([memo[keys[i]][0] for i in inverse_list])
-            step_values = torch.stack([memo[keys[i]][1] for i in inverse_list]) if keep_graph else None
-        else:  # todo == keys: rows of the prefill are the distinct queries
-            step_logits, step_values = new_logits[inverse], (new_values[inverse] if keep_graph else None)
-            if max_new_tokens > 1:
-                cache.batch_select_indices(inverse)
-                attention_mask, positions = attention_mask[inverse], positions[inverse]
+                step_logits = torch.stack([memo[keys[i]][0] for i in inverse_list])
+                step_values = torch.stack([memo[keys[i]][1] for i in inverse_list]) if self.keep_graph else None
+            else:  # todo == keys: rows of the prefill are the distinct queries
+                step_logits, step_values = new_logits[inverse], (new_values[inverse] if self.keep_graph else None)
+                if self.max_new_tokens > 1:
+                    cache.batch_select_indices(inverse)
+                    state.update(mask=attention_mask[inverse], positions=positions[inverse], cache=cache)
 
+            def advance(token):
+                state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
+                state["positions"] = state["positions"][:, -1:] + 1
+                hidden, state["cache"] = policy.hidden_states(token[:, None], state["mask"], state["positions"],
+                                                              past_key_values=state["cache"], use_cache=True)
+                return self.heads(hidden[:, -1])
+
+            return self.steps(step_logits, step_values, advance, len(queries))
+
+    def steps(self, step_logits, step_values, advance, batch: int) -> Rollout:
+        """Sample max_new_tokens tokens; advance(token) -> the next step's (logits, values)."""
         probe = None
-        if probe_tokens:
+        if self.probe_tokens:
             with torch.no_grad():
-                first = step_logits.detach()
-                probe = first[:, probe_tokens].float() - torch.logsumexp(first.float(), dim=-1, keepdim=True)
+                first = step_logits.detach().float()
+                probe = first[:, self.probe_tokens] - torch.logsumexp(first, dim=-1, keepdim=True)
         tokens, logps, values, entropies, alive = [], [], [], [], []
-        finished = torch.zeros(len(queries), dtype=torch.bool, device=device)
-        for t in range(max_new_tokens):
-            token = sample_tokens(step_logits, top_k, top_p, generator)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.policy.device)
+        for t in range(self.max_new_tokens):
+            token = sample_tokens(step_logits, self.top_k, self.top_p, self.generator)
             tokens.append(token)
             logps.append(logprobs_from_logits(step_logits, token))
             entropies.append(entropy_from_logits(step_logits))
-            if keep_graph:
+            if self.keep_graph:
                 values.append(step_values)
             alive.append(~finished)
-            if stop_at_eos:
-                finished = finished | torch.isin(token, eos_ids)
-            if t + 1 == max_new_tokens or (stop_at_eos and bool(finished.all())):
+            if self.stop_at_eos:
+                finished = finished | torch.isin(token, self.eos_ids)
+            if t + 1 == self.max_new_tokens or (self.stop_at_eos and bool(finished.all())):
                 break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
-            hidden, cache = policy.hidden_states(token[:, None], attention_mask, positions, past_key_values=cache,
-                                                 use_cache=True)
-            step_logits = policy.logits(hidden[:, -1], temperature)
-            step_values = policy.values(hidden[:, -1]) if keep_graph else None
+            step_logits, step_values = advance(token)
+        mask = torch.stack(alive, dim=1).float()
+        token_mat = torch.stack(tokens, dim=1).cpu()  # one transfer; responses live on the host, like queries
+        lengths = mask.sum(1).long().cpu().tolist()
+        logprobs = torch.stack(logps, dim=1) * mask
+        return Rollout(
+            responses=[token_mat[i, :n] for i, n in enumerate(lengths)],
+            logprobs=logprobs.detach(),
+            mask=mask,
+            logprobs_graph=logprobs if self.keep_graph else None,
+            values_graph=torch.stack(values, dim=1) * mask if self.keep_graph else None,
+            entropy=torch.stack(entropies, dim=1) * mask,
+            probe_logprobs=probe,
+        )
 
-    mask = torch.stack(alive, dim=1).float()
-    token_mat = torch.stack(tokens, dim=1).cpu()  # one transfer; responses live on the host, like queries
-    lengths = mask.sum(1).long().cpu().tolist()
-    logprobs = torch.stack(logps, dim=1) * mask
-    return Rollout(
-        responses=[token_mat[i, :n] for i, n in enumerate(lengths)],
-        logprobs=logprobs.detach(),
-        mask=mask,
-        logprobs_graph=logprobs if keep_graph else None,
-        values_graph=torch.stack(values, dim=1) * mask if keep_graph else None,
-        entropy=torch.stack(entropies, dim=1) * mask,
-        probe_logprobs=probe,
-    )
+
+def join_rollouts(parts: list[Rollout]) -> Rollout:
+    """Concatenate rollouts of consecutive query slices (padding [B, R] tensors to the longest response)."""
+    R = max(p.mask.shape[1] for p in parts)
+
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        if values[0] is None:
+            return None
+        return torch.cat([torch.nn.functional.pad(v, (0, R - v.shape[1])) if v.dim() == 2 and name != "probe_logprobs"
+                          else v for v in values])
+
+    return Rollout(responses=[r for p in parts for r in p.responses], logprobs=cat("logprobs"), mask=cat("mask"),
+                   logprobs_graph=cat("logprobs_graph"), values_graph=cat("values_graph"), entropy=cat("entropy"),
+                   probe_logprobs=cat("probe_logprobs"))
+
+
+def select_rows(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    """The rollout's rows in the order `rows` gives."""
+    picked = {}
+    for name in ("logprobs", "mask", "logprobs_graph", "values_graph", "entropy", "probe_logprobs"):
+        value = getattr(rollout, name)
+        picked[name] = None if value is None else value[rows.to(value.device)]
+    return Rollout(responses=[rollout.responses[i] for i in rows.tolist()], **picked)

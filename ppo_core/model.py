@@ -180,6 +180,12 @@ class PolicyModel(nn.Module):
         self.compute_dtype = compute_dtype or torch.float32
         self._autocast = self.compute_dtype in (torch.bfloat16, torch.float16)
         self._cast_holders: set = set()
+        self._tree_supported: bool | None = None
+        self.backbone_tokens = 0
+        """Tokens that went through the backbone so far (padding included), for ppo/tokens_computed."""
+        import inspect
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self._backbone.forward).parameters \
+            else "past_key_values"
         for p in self.parameters():
             p.requires_grad_(False)
         for name in adapters:
@@ -234,10 +240,79 @@ class PolicyModel(nn.Module):
                       position_ids: torch.Tensor | None = None, past_key_values=None,
                       use_cache: bool = False):
         """Final (normed) hidden states. input_ids [B, T] -> ([B, T, H], cache or None)."""
+        self.backbone_tokens += input_ids.numel()
+        cache = {self._cache_kwarg: past_key_values} if past_key_values is not None else {}
         with self._compute_context():
             out = self._backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 past_key_values=past_key_values, use_cache=use_cache)
+                                 use_cache=use_cache, **cache)
         return out.last_hidden_state, (out.past_key_values if use_cache else None)
+
+    # -- the prompt tree (ppo_core.tree) ---------------------------------------------------------------------------
+    @property
+    def sliding_window(self) -> int | None:
+        """Window of the model's sliding-window layers (they get a mask of their own), None without such layers."""
+        text = self.config.get_text_config()
+        window = getattr(text, "sliding_window", None)
+        layer_types = getattr(text, "layer_types", None) or ()
+        return window if window and "sliding_attention" in layer_types else None
+
+    def attention_mask_4d(self, visible: torch.Tensor) -> torch.Tensor:
+        """[Q, K] bool (True = may attend) -> the [1, 1, Q, K] mask this model's attention takes: boolean for SDPA,
+        additive float (0 or the most negative float) for eager attention."""
+        if self.config._attn_implementation == "sdpa":
+            return visible[None, None]
+        return torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, torch.finfo(torch.float32).min)[
+            None, None]
+
+    def packed_hidden_states(self, input_ids: torch.Tensor, masks: dict[str, torch.Tensor],
+                             position_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        """Final hidden states of a packed tree pass. input_ids, position_ids [1, T]; masks {"full_attention",
+        optional "sliding_attention"} of [1, 1, T, cached + T]; cache: a DynamicCache to attend to and extend."""
+        mask = masks if "sliding_attention" in masks else masks["full_attention"]
+        self.backbone_tokens += input_ids.numel()
+        with self._compute_context():
+            out = self._backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                 use_cache=cache is not None, **({self._cache_kwarg: cache} if cache is not None
+                                                                 else {}))
+        return out.last_hidden_state
+
+    @property
+    def tree_supported(self) -> bool:
+        """Whether this model computes a packed prompt tree exactly: probed once on two short sequences that share
+        a prefix (tree vs separate sequences, fp32 tolerance 1e-4 relative to the logits' scale). A model that
+        fails keeps the padded path, with one warning."""
+        if self._tree_supported is None:
+            counted = self.backbone_tokens  # the probe is not any step's work
+            self._tree_supported = self._probe_tree()
+            self.backbone_tokens = counted
+        return self._tree_supported
+
+    @torch.no_grad()
+    def _probe_tree(self) -> bool:
+        import warnings
+
+        from .tree import PromptTree
+        vocab = self.config.get_text_config().vocab_size
+        g = torch.Generator().manual_seed(0)
+        a = torch.randint(3, vocab, (7,), generator=g)
+        b = torch.cat([a[:4], torch.randint(3, vocab, (5,), generator=g)])
+        try:
+            tree = PromptTree(self, keep_cache=False)
+            ends = [tree.insert(a.tolist())[-1], tree.insert(b.tolist())[-1]]
+            tree.compute()
+            packed = self.logits(tree.hidden(ends)).float()
+            separate = torch.cat([self.logits(self.hidden_states(s[None].to(self.device))[0][:, -1]).float()
+                                  for s in (a, b)])
+            error = float((packed - separate).abs().max() / separate.abs().max().clamp(min=1e-6))
+            tolerance = 1e-4 if not self._autocast else 5e-2
+            ok = error <= tolerance
+            reason = f"packed and separate logits differ by {error:.2g} (relative)"
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not pack for this model
+            ok, reason = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        if not ok:
+            warnings.warn(f"ppo_core: {type(self.lm.get_base_model()).__name__} cannot take the prompt tree's 4-D "
+                          f"attention mask ({reason}); using padded sequences instead", stacklevel=3)
+        return ok
 
     def _compute_context(self):
         if not self._autocast:
@@ -285,33 +360,47 @@ class PolicyModel(nn.Module):
         """Log-probs (and values, entropies, full log-distributions) of each response token given its query and
         the response tokens before it, in response space [B, R] (R = longest response; zero on padding).
 
-        Sequences are right-padded, so no attention mask is needed (causal attention never looks right).
-        Identical (query, response) pairs are computed once; chunks respect the token budget `max_tokens`.
+        The distinct (query + response) sequences are packed into prompt trees (ppo_core.tree) of at most
+        `max_tokens` nodes each, so a token they share is computed once; a model that cannot take the tree's mask
+        gets right-padded chunks of at most `max_tokens` padded tokens (identical pairs computed once).
         The LM head and value head run only at the positions that emit response tokens.
         Grad follows torch.is_grad_enabled().
         Returns {"logprobs", "values" (with_values), "entropy" (with_entropy), "full" [B, R, V] (full_logprobs)}.
         """
         from .batching import pad_right, token_budget_chunks
         from .functional import entropy_from_logits, log_softmax_fp32, logprobs_from_logits
+        from .tree import PromptTree, subtree_chunks
 
         pairs = sorted({(tuple(q.tolist()), tuple(r.tolist())) for q, r in zip(queries, responses)})
-        slot = {pair: j for j, pair in enumerate(pairs)}  # canonical order: same set -> same padded tensors
+        slot = {pair: j for j, pair in enumerate(pairs)}  # canonical order: same set -> same computation
         inverse = [slot[tuple(q.tolist()), tuple(r.tolist())] for q, r in zip(queries, responses)]
         uniq = [q + r for q, r in pairs]
         q_len, r_len = [len(q) for q, _ in pairs], [len(r) for _, r in pairs]
         R = max(r_len)
+        offsets = torch.arange(R, device=self.device)
+        tree = self.tree_supported
+        chunks = subtree_chunks(uniq, max_tokens) if tree else \
+            token_budget_chunks([len(k) for k in uniq], max_tokens, pad_multiple)
         parts: dict[int, dict[str, torch.Tensor]] = {}
-        for chunk in token_budget_chunks([len(k) for k in uniq], max_tokens, pad_multiple):
-            seqs = [torch.tensor(uniq[j], device=self.device) for j in chunk]
-            ids = pad_right(seqs, pad_token_id, pad_multiple)
-            hidden, _ = self.hidden_states(ids)
+        for chunk in chunks:
             rows_q = torch.tensor([q_len[j] for j in chunk], device=self.device)
             rows_r = torch.tensor([r_len[j] for j in chunk], device=self.device)
-            offsets = torch.arange(R, device=self.device)
             rmask = offsets[None, :] < rows_r[:, None]
-            positions = torch.where(rmask, rows_q[:, None] - 1 + offsets[None, :], rows_q[:, None] - 1)
-            targets = torch.gather(ids, 1, torch.where(rmask, positions + 1, positions))
-            h = torch.gather(hidden, 1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+            if tree:  # the state before response token t of sequence j is node path_j[q_len_j - 1 + t]
+                packed = PromptTree(self, keep_cache=False)
+                paths = [packed.insert(uniq[j]) for j in chunk]
+                packed.compute()
+                at = [[path[q_len[j] - 1 + min(t, r_len[j] - 1)] for t in range(R)] for path, j in zip(paths, chunk)]
+                h = packed.hidden([n for row in at for n in row]).view(len(chunk), R, -1)
+                targets = torch.tensor([[uniq[j][q_len[j] + min(t, r_len[j] - 1)] for t in range(R)] for j in chunk],
+                                       device=self.device)
+            else:  # right padding: causal attention never looks right, so no attention mask is needed
+                ids = pad_right([torch.tensor(uniq[j], device=self.device) for j in chunk], pad_token_id,
+                                pad_multiple)
+                hidden, _ = self.hidden_states(ids)
+                positions = torch.where(rmask, rows_q[:, None] - 1 + offsets[None, :], rows_q[:, None] - 1)
+                targets = torch.gather(ids, 1, torch.where(rmask, positions + 1, positions))
+                h = torch.gather(hidden, 1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
             logits = self.logits(h, temperature)
             out = {"logprobs": logprobs_from_logits(logits, targets) * rmask}
             if with_values:

@@ -20,7 +20,8 @@ from . import functional as F
 from .batching import backward_batches, token_budget_chunks
 from .config import PPOConfig
 from .control import AdaptiveKLController, FixedKLController, RunningMoments, scale_scores
-from .generation import Rollout, sample
+from .generation import Rollout, join_rollouts, sample
+from .tree import PromptTree
 
 # Stop a run after this many optimiser steps in a row were skipped for non-finite loss or gradients.
 MAX_CONSECUTIVE_NONFINITE = 5
@@ -65,22 +66,6 @@ class ReferenceCache:
         self.hits, self.misses = int(state["hits"]), int(state["misses"])
 
 
-def join_rollouts(parts: list[Rollout]) -> Rollout:
-    """Concatenate rollouts of consecutive query slices (padding [B, R] tensors to the longest response)."""
-    R = max(p.mask.shape[1] for p in parts)
-
-    def cat(name):
-        values = [getattr(p, name) for p in parts]
-        if values[0] is None:
-            return None
-        return torch.cat([torch.nn.functional.pad(v, (0, R - v.shape[1])) if v.dim() == 2 and name != "probe_logprobs"
-                          else v for v in values])
-
-    return Rollout(responses=[r for p in parts for r in p.responses], logprobs=cat("logprobs"), mask=cat("mask"),
-                   logprobs_graph=cat("logprobs_graph"), values_graph=cat("values_graph"), entropy=cat("entropy"),
-                   probe_logprobs=cat("probe_logprobs"))
-
-
 class NonFiniteError(RuntimeError):
     """Raised when too many optimiser steps in a row had non-finite loss or gradients."""
 
@@ -117,7 +102,9 @@ class PPOTrainer:
         self.step_count = 0
         self.counters = {"oom_backoffs": 0, "skipped_steps": 0, "nonfinite_steps": 0}
         self._consecutive_nonfinite = 0
-        self._memo: dict = {}    # query -> first-token (logits, value), valid until the next optimiser step
+        self._tree: PromptTree | None = None  # the episode's prompt tree under the current weights
+        self._memo: dict = {}    # padded fallback: query -> first-token (logits, value), until the weights change
+        self._tokens_computed = 0  # backbone tokens since the last step (sampling, old, reference, recomputed)
         self._fused: dict = {}   # (query, response) -> (logprobs [R], values [R], entropy [R]) with graph
         self.keep_graphs = True  # False after an out-of-memory error while graphs were kept: recompute from then on
         self.sync_timing = False
@@ -135,15 +122,19 @@ class PPOTrainer:
 
     def generate(self, queries: list[torch.Tensor], *, max_new_tokens: int, top_k: int = 0, top_p: float = 1.0,
                  stop_at_eos: bool = False, eos_token_id=None, probe_tokens: list[int] | None = None) -> Rollout:
-        """Sample responses with this trainer's adapter, temperature and random stream (see generation.sample)."""
+        """Sample responses with this trainer's adapter, temperature and random stream (see generation.sample).
+        The calls between two steps grow one prompt tree: a token an earlier call computed is not computed again."""
         keep = self.fusable and self.keep_graphs
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=self.config.temperature, top_k=top_k, top_p=top_p,
                       stop_at_eos=stop_at_eos, eos_token_id=eos_token_id, pad_token_id=self.pad_token_id,
-                      generator=self.sample_generator, keep_graph=keep, memo=self._memo, probe_tokens=probe_tokens)
+                      generator=self.sample_generator, keep_graph=keep, max_tokens=self.chunk_tokens,
+                      memo=self._memo, probe_tokens=probe_tokens)
         if keep:
             self.policy.hold_casts(self)
+        before = self.policy.backbone_tokens
         with self.policy.adapter(self.adapter):
             rollout = self._sample_with_backoff(queries, kwargs)
+        self._tokens_computed += self.policy.backbone_tokens - before
         if rollout.logprobs_graph is not None:
             for i, (q, r) in enumerate(zip(queries, rollout.responses)):
                 n = len(r)
@@ -152,12 +143,15 @@ class PPOTrainer:
         return rollout
 
     def _sample_with_backoff(self, queries, kwargs) -> Rollout:
-        """sample(); on out-of-memory, first stop keeping graphs for fused steps (this run's steps then recompute
-        their forward pass in token-budget chunks), then sample each half of the batch separately (recursively)
-        and join them."""
+        """sample() into the episode's tree; on out-of-memory, drop the tree (a failed pass may have extended its
+        cache part-way), first stop keeping graphs for fused steps (this run's steps then recompute their forward
+        pass in token-budget chunks), then sample each half of the batch separately (recursively) and join them."""
+        if self._tree is None and self.policy.tree_supported:
+            self._tree = PromptTree(self.policy)
         try:
-            return sample(self.policy, queries, **kwargs)
+            return sample(self.policy, queries, tree=self._tree, **kwargs)
         except torch.OutOfMemoryError:
+            self._tree = None
             if kwargs["keep_graph"]:
                 self._stop_keeping_graphs()
                 return self._sample_with_backoff(queries, {**kwargs, "keep_graph": False})
@@ -177,8 +171,10 @@ class PPOTrainer:
 
     def discard_rollouts(self) -> None:
         """Drop kept sampling graphs and prefill memos (e.g. when a batch is not stepped)."""
+        self._tree = None
         self._memo.clear()
         self._fused.clear()
+        self._tokens_computed = 0
         self.policy.release_casts(self)
 
     # ------------------------------------------------------------------------------------------------- step
@@ -190,6 +186,7 @@ class PPOTrainer:
     def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores) -> dict[str, float]:
         """One PPO step on a batch of (query [L_i], response [R_i], scalar score) triples."""
         cfg, timing, t_start = self.config, {}, self._now()
+        tokens_before, sampled_tokens, self._tokens_computed = self.policy.backbone_tokens, self._tokens_computed, 0
         queries, responses, raw_scores = self._check_inputs(queries, responses, scores)
         B, device = len(queries), self.policy.device
         R = max(len(r) for r in responses)
@@ -270,6 +267,7 @@ class PPOTrainer:
                       "ppo/optimizer_steps": float(len(step_stats)),
                       "ppo/ref_cache_hits": float(self.reference_cache.hits),
                       "ppo/ref_cache_misses": float(self.reference_cache.misses),
+                      "ppo/tokens_computed": float(sampled_tokens + self.policy.backbone_tokens - tokens_before),
                       **{f"ppo/{k}": float(v) for k, v in self.counters.items()}})
         timing["time/ppo/calc_stats"] = self._now() - t
         timing["time/ppo/total"] = self._now() - t_start
@@ -385,7 +383,8 @@ class PPOTrainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-        self._memo.clear()  # the weights changed: earlier prefills and held weight casts are stale
+        self._tree = None  # the weights changed: the tree's states, prefills and held weight casts are stale
+        self._memo.clear()
         self.policy.weights_changed()
         return st
 
