@@ -218,6 +218,8 @@ def eval_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--followup-tokens", type=positive_int, default=100, help="answer length (default 100)")
     p.add_argument("--seed", type=int, default=100)
     p.add_argument("--checkpoint", help="evaluate this checkpoint folder instead of the run's final adapter")
+    p.add_argument("--token-budget", type=positive_int, default=2048,
+                   help="tokens of one packed forward pass (prompt-tree nodes; default 2048)")
     p.add_argument("--device")
     p.add_argument("--threads", type=positive_int)
     p.add_argument("--no-progress", action="store_true")
@@ -231,7 +233,7 @@ def evaluate(argv: list[str], prog: str = PROG) -> None:
     cfg = EvalConfig(episodes=args.episodes, steps=args.steps, games=tuple(args.games), tokens=tuple(args.tokens),
                      orders=tuple(args.orders), variants=tuple(args.variants), baselines=not args.no_baselines,
                      followup=args.followup, followup_tokens=args.followup_tokens, seed=args.seed,
-                     checkpoint=args.checkpoint)
+                     checkpoint=args.checkpoint, token_budget=args.token_budget)
     try:
         cfg.validate()
     except ValueError as exc:

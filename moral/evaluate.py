@@ -47,9 +47,11 @@ class EvalConfig:
     followup_tokens: int = 100
     seed: int = 100
     checkpoint: str | None = None
+    token_budget: int = 2048
+    """Nodes of one packed prompt tree: each sampling call answers its prompts in trees of at most this size."""
 
     def validate(self) -> None:
-        for name in ("episodes", "steps", "followup_tokens"):
+        for name in ("episodes", "steps", "followup_tokens", "token_budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
         if isinstance(self.tokens, str):
@@ -134,7 +136,8 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
               for name in cfg.tokens}
     settings = RewardSettings(run_config.illegal, run_config.xi)
     generator = torch.Generator(device=policy.device).manual_seed(cfg.seed + 1)
-    memos = {"finetuned": {}, "reference": {}}
+    memos = {"finetuned": {}, "reference": {}}  # padded fallback only (models that cannot take the tree's mask)
+    tokens_before = policy.backbone_tokens
 
     def sampler(model: str):
         def run(queries, max_new_tokens, probe_tokens=None):
@@ -142,7 +145,7 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
             with torch.no_grad(), context:
                 return sample(policy, queries, max_new_tokens=max_new_tokens, temperature=run_config.temperature,
                               pad_token_id=tokenizer.pad_token_id or 0, generator=generator,
-                              memo=memos[model], probe_tokens=probe_tokens)
+                              memo=memos[model], probe_tokens=probe_tokens, max_tokens=cfg.token_budget)
         return run
 
     blocks = plan_blocks(cfg)
@@ -180,7 +183,7 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
     metrics = {"run": os.path.abspath(run_folder), "eval": dataclasses.asdict(cfg),
                "groups": per_run_metrics(os.path.join(out_dir, "decisions.csv")),
                "wall_s": time.perf_counter() - t_start, "decisions": len(rows),
-               "distinct_prompts": {m: len(v) for m, v in memos.items()}}
+               "backbone_tokens": policy.backbone_tokens - tokens_before}
     write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
     return metrics
 

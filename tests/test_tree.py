@@ -1,0 +1,187 @@
+"""The prompt tree (ppo_core.tree): packed sequences with ancestor-only attention give what separate sequences give
+(log-probs, values, entropies, LoRA gradients; fp32, tolerance 1e-5), on Llama and Gemma-2 (soft-capping, a sliding
+window shorter than the sequences), eager and SDPA attention; the backbone sees each distinct token once."""
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import random_queries, tiny_policy
+from ppo_core import LoraSettings, PPOConfig, PPOTrainer, PolicyModel
+from ppo_core.generation import sample
+from ppo_core.testing import tiny_llama_config
+from ppo_core.tree import PromptTree, subtree_chunks, tree_size
+
+TOL = 1e-5
+
+
+def tiny_gemma2_config(window: int = 8):
+    from transformers import Gemma2Config
+    return Gemma2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=window,
+                        final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=16,
+                        max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+
+
+def make_policy(arch: str, attn: str, seed: int = 0) -> PolicyModel:
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    config = tiny_gemma2_config() if arch == "gemma2" else tiny_llama_config()
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    policy = PolicyModel(lm, adapters=("agent",), lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # LoRA B starts at zero: make the adapters matter
+        for p in policy.trainable_parameters("agent"):
+            p.normal_(0, 0.05)
+    return policy
+
+
+def padded(policy):
+    """The same policy on its padded path (as for a model that cannot take the tree's mask)."""
+    policy._tree_supported = False
+    return policy
+
+
+g = torch.Generator().manual_seed(3)
+BASE = torch.randint(3, 64, (20,), generator=g)
+OTHER = torch.randint(3, 64, (14,), generator=g)
+CASES = {  # (queries, responses of 1 or 2 tokens)
+    "share nothing": [BASE, OTHER],
+    "shared prefix": [BASE, torch.cat([BASE[:11], OTHER[:6]])],
+    "identical": [BASE, BASE.clone()],
+    "prefix of another": [BASE, BASE[:9]],
+}
+ARCHS = [("llama", "eager"), ("llama", "sdpa"), ("gemma2", "eager")]  # Gemma-2 has no SDPA in transformers
+
+
+@pytest.mark.parametrize("answer", [1, 2], ids=["one-token", "two-token"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("arch, attn", ARCHS, ids=[f"{a}-{b}" for a, b in ARCHS])
+def test_tree_matches_separate_sequences(arch, attn, case, answer):
+    queries = CASES[case]
+    responses = [torch.tensor([5, 9][:answer]), torch.tensor([7, 5][:answer])]
+    results = {}
+    for mode in ("tree", "padded"):
+        policy = make_policy(arch, attn)
+        if mode == "padded":
+            padded(policy)
+        assert policy.tree_supported == (mode == "tree")
+        out = policy.forward_responses(queries, responses, with_entropy=True)
+        (out["logprobs"].sum() + out["values"].sum()).backward()
+        grads = [p.grad.clone() for p in policy.trainable_parameters("agent")]
+        results[mode] = ({k: v.detach() for k, v in out.items()}, grads)
+    (tree, tree_grads), (sep, sep_grads) = results["tree"], results["padded"]
+    for key in ("logprobs", "values", "entropy"):
+        assert torch.allclose(tree[key], sep[key], atol=TOL, rtol=TOL), key
+    for a, b in zip(tree_grads, sep_grads):
+        assert torch.allclose(a, b, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("answer", [1, 2])
+@pytest.mark.parametrize("arch, attn", ARCHS, ids=[f"{a}-{b}" for a, b in ARCHS])
+def test_sampling_into_one_tree_across_calls_matches_separate_sampling(arch, attn, answer):
+    """Sequential calls that grow one tree (with graph, as in an episode) sample the same tokens with the same
+    log-probs and values as padded sampling, and backpropagate to the same LoRA gradients."""
+    results = {}
+    for mode in ("tree", "padded"):
+        policy = make_policy(arch, attn)
+        if mode == "padded":
+            padded(policy)
+        generator = torch.Generator().manual_seed(0)
+        tree = PromptTree(policy) if mode == "tree" else None
+        rollouts = [sample(policy, [q], max_new_tokens=answer, generator=generator, keep_graph=True, tree=tree)
+                    for q in (BASE, torch.cat([BASE[:11], OTHER[:6]]), BASE, BASE[:9])]
+        loss = sum(r.logprobs_graph.sum() + r.values_graph.sum() for r in rollouts)
+        loss.backward()
+        results[mode] = ([r.responses[0].tolist() for r in rollouts], torch.cat([r.logprobs for r in rollouts]),
+                         [p.grad.clone() for p in policy.trainable_parameters("agent")],
+                         None if tree is None else len(tree))
+    (tokens, logprobs, grads, nodes), (tokens_p, logprobs_p, grads_p, _) = results["tree"], results["padded"]
+    assert tokens == tokens_p
+    assert torch.allclose(logprobs, logprobs_p, atol=TOL, rtol=TOL)
+    for a, b in zip(grads, grads_p):
+        assert torch.allclose(a, b, atol=TOL, rtol=TOL)
+    # the tree holds each distinct token once: 20 + 6 (the second prompt's own suffix) + the answers' children
+    answers = {tuple([q] + t[:answer - 1]) for q, t in zip((20, 17, 20, 9), tokens)} if answer > 1 else set()
+    assert nodes == 20 + 6 + len(answers)
+
+
+def test_the_backbone_sees_each_tree_node_once(tiny_chat_model_dir, tmp_path):
+    """One training episode (5 real prompts): the sampling calls compute exactly the nodes of the tree of the
+    episode's queries, and the reference pass (a cold cache: every sample misses) exactly the tree of its distinct
+    query + answer sequences; ppo/tokens_computed counts both."""
+    from moral.config import RunConfig
+    from moral.finetune import FineTuning
+    config = RunConfig(model=tiny_chat_model_dir, episodes=1, lora_rank=4, format_aid="prefix", device="cpu",
+                       dtype="fp32").resolve()
+    run = FineTuning(config, str(tmp_path / "run"), progress=False)
+    trainer, seen = run.trainers["agent"], {}
+    real_step = trainer.step
+
+    def step(queries, responses, scores):
+        seen.update(queries=queries, responses=responses)
+        return real_step(queries, responses, scores)
+
+    trainer.step = step
+    try:
+        episode = run.run_episode()
+    finally:
+        run.logs.close()
+        trainer.discard_rollouts()
+        run._restore_signal_handlers()
+    assert run.policy.tree_supported
+    queries = sorted({tuple(q.tolist()) for q in seen["queries"]})
+    sequences = sorted({tuple(q.tolist()) + tuple(r.tolist()) for q, r in zip(seen["queries"], seen["responses"])})
+    sampled, referenced = sum(tree_size(queries)), sum(tree_size(sequences))
+    assert episode.stats["agent"]["ppo/tokens_computed"] == sampled + referenced
+    assert sampled < sum(len(q) for q in queries) or len(queries) == 1  # the prompts share their head
+
+
+def test_tree_and_padded_updates_agree_fused_and_recomputed():
+    """The fused single update and the recomputed 2-epoch update give the same gradients and losses with the tree
+    as without it (fp32; rtol 1e-4, atol 1e-6, the fused-vs-recomputed tolerance)."""
+    queries = random_queries(6, seed=11)
+    scores = [1.0, -1.0, 0.5, 0.0, 2.0, -2.0]
+    for epochs in (1, 2):
+        results = {}
+        for mode in ("tree", "padded"):
+            policy = tiny_policy(0)
+            if mode == "padded":
+                padded(policy)
+            config = PPOConfig(batch_size=6, mini_batch_size=6 if epochs == 1 else 3, ppo_epochs=epochs,
+                               learning_rate=1e-3, seed=0)
+            trainer = PPOTrainer(config, policy, "agent")
+            rollout = trainer.generate(queries, max_new_tokens=2)
+            stats = trainer.step(queries, rollout.responses, scores)
+            assert stats["ppo/fused_rollout"] == float(epochs == 1)
+            results[mode] = ([r.tolist() for r in rollout.responses], [p.grad.clone() for p in trainer.params],
+                             stats)
+        (tokens, grads, stats), (tokens_p, grads_p, stats_p) = results["tree"], results["padded"]
+        assert tokens == tokens_p
+        for a, b in zip(grads, grads_p):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+        for key in ("ppo/loss/policy", "ppo/loss/value", "objective/kl"):
+            assert stats[key] == pytest.approx(stats_p[key], rel=1e-4, abs=1e-6)
+        assert stats["ppo/tokens_computed"] < stats_p["ppo/tokens_computed"]  # the padded path pays for padding
+
+
+def test_a_model_that_cannot_take_the_mask_falls_back_with_one_warning(monkeypatch):
+    policy = tiny_policy(0)
+    monkeypatch.setattr(PolicyModel, "attention_mask_4d", lambda self, visible: None)  # the mask gets lost
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert policy.tree_supported is False and policy.tree_supported is False
+    assert len([w for w in caught if "prompt tree" in str(w.message)]) == 1
+    rollout = sample(policy, random_queries(3), max_new_tokens=2, generator=torch.Generator().manual_seed(0))
+    assert [len(r) for r in rollout.responses] == [2, 2, 2]
+
+
+def test_subtree_chunks_split_within_the_budget_and_never_truncate():
+    seqs = sorted([(1, 2, 3, 4), (1, 2, 3, 5), (1, 2, 9), (7, 8, 9, 10, 11, 12), (7, 8), (20,) * 9])
+    assert sum(tree_size(seqs)) == len({s[:i] for s in seqs for i in range(1, len(s) + 1)})  # distinct prefixes
+    chunks = subtree_chunks(seqs, 8)
+    assert sorted(i for c in chunks for i in c) == list(range(len(seqs)))
+    for chunk in chunks:
+        nodes = len({seqs[i][:k] for i in chunk for k in range(1, len(seqs[i]) + 1)})
+        assert nodes <= 8 or len(chunk) == 1
+    assert subtree_chunks(seqs, None) == [list(range(len(seqs)))]
