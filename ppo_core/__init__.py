@@ -8,7 +8,8 @@ from .config import PPOConfig
 from .control import AdaptiveKLController, FixedKLController, RunningMoments
 from .generation import Rollout, sample
 from .model import LoraSettings, PolicyModel, compute_dtype_for, load_causal_lm, save_adapter
-from .trainer import NonFiniteError, PPOTrainer, ReferenceCache
+from .shortcuts import ReferenceCache
+from .trainer import NonFiniteError, PPOTrainer
 
 __all__ = [
     "AdaptiveKLController", "CheckpointError", "FixedKLController", "LoraSettings", "NonFiniteError", "PPOConfig",

@@ -66,8 +66,9 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
     The queries and their answers grow a prompt tree (ppo_core.tree), so every distinct token is computed once.
     tree: a tree of earlier calls under the *same* weights to extend (the caller drops it when the weights
     change); without one, each chunk of queries whose tree fits in max_tokens nodes gets a fresh tree.
-    Models that cannot take the tree's mask use left-padded batches: there identical queries share one prefill,
-    and memo (max_new_tokens == 1 only) maps a query to its (logits, value) under the same weights.
+    memo (no-grad one-token answers, or the padded path): query -> its first-step logits (and value) under the
+    *same* weights, from earlier calls; only the queries it lacks are computed, in trees of max_tokens nodes.
+    Models that cannot take the tree's mask use left-padded batches (identical queries share one prefill).
     probe_tokens: token ids whose first-step log-probs to return (e.g. the two actions' first tokens).
     """
     if max_new_tokens < 1:
@@ -84,6 +85,8 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
         return run.padded(queries, pad_token_id, memo)
     if tree is not None:
         return run.tree(queries, tree, max_tokens)
+    if memo is not None and max_new_tokens == 1 and not keep_graph:
+        return run.memoised(queries, memo, max_tokens)
     keys = [tuple(q.tolist()) for q in queries]
     order = sorted(range(len(keys)), key=keys.__getitem__)
     chunks = subtree_chunks([keys[i] for i in order], max_tokens)
@@ -125,6 +128,20 @@ class _Sampling:
                 return self.heads(tree.hidden(lasts))
 
             return self.steps(*self.heads(tree.hidden(lasts)), advance, len(queries))
+
+    def memoised(self, queries, memo: dict, max_tokens) -> Rollout:
+        """One-token answers without graph: the first-step logits of queries that `memo` lacks, in fresh trees of
+        at most max_tokens nodes, then one draw per row."""
+        keys = [tuple(q.tolist()) for q in queries]
+        todo = sorted({k for k in keys if k not in memo})
+        with torch.no_grad():
+            for chunk in subtree_chunks(todo, max_tokens):
+                tree = PromptTree(self.policy, keep_cache=False)
+                lasts = [tree.insert(todo[j])[-1] for j in chunk]
+                tree.compute()
+                logits, _ = self.heads(tree.hidden(lasts))
+                memo.update({todo[j]: row for j, row in zip(chunk, logits)})
+            return self.steps(torch.stack([memo[k] for k in keys]), None, None, len(queries))
 
     def padded(self, queries, pad_token_id, memo) -> Rollout:
         """Left-padded, KV-cached sampling for models that cannot take the prompt tree's mask."""

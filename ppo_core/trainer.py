@@ -1,69 +1,27 @@
 """PPOTrainer: one PPO step = score scaling -> rollout log-probs and values -> reference log-probs -> per-token
 rewards -> GAE -> epochs x optimiser steps x micro-batches of the clipped loss -> KL controller.
 
-Every formula lives in functional.py; this file is the order in which they run, plus the exact shortcuts:
-- the sampling pass is reused as the loss's forward pass when the step makes exactly one optimiser step
-  (ppo_epochs=1, one backward batch): dropout is off, so the rollout log-probs *are* the new log-probs;
-- the rollout's forward calls share one low-precision copy of the LoRA weights (autocast's cast cache);
-- reference log-distributions are cached per prefix (the reference weights never change);
-- identical (query, response) pairs share one forward pass; forward chunks respect a token budget.
+Every formula lives in functional.py; this file is the order in which they run. The exact shortcuts (the prompt
+tree, the sampling pass reused as the loss's forward pass, shared LoRA weight casts, the reference cache,
+out-of-memory back-off) live behind one interface in shortcuts.py: `self.shortcuts` samples, gives the old and
+the reference log-probs, recomputes forward passes and retries what does not fit.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 
 import torch
 
 from . import functional as F
-from .batching import backward_batches, token_budget_chunks
+from .batching import backward_batches
 from .config import PPOConfig
 from .control import AdaptiveKLController, FixedKLController, RunningMoments, scale_scores
-from .generation import Rollout, join_rollouts, sample
-from .tree import PromptTree
+from .generation import Rollout
+from .shortcuts import ReferenceCache, Shortcuts
 
 # Stop a run after this many optimiser steps in a row were skipped for non-finite loss or gradients.
 MAX_CONSECUTIVE_NONFINITE = 5
-
-
-class ReferenceCache:
-    """Reference log-distributions (fp32 [V]) keyed by token prefix, least recently used out first, within a
-    memory budget. Valid for as long as the reference weights are frozen, i.e. always here."""
-
-    def __init__(self, budget_mb: float):
-        self.budget_bytes = int(budget_mb * 2 ** 20)
-        self.entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
-        self.hits = self.misses = 0
-        self._bytes = 0
-
-    def get(self, key: tuple[int, ...]) -> torch.Tensor | None:
-        row = self.entries.get(key)
-        if row is not None:
-            self.entries.move_to_end(key)
-        return row
-
-    def put(self, key: tuple[int, ...], row: torch.Tensor) -> None:
-        nbytes = row.numel() * row.element_size()
-        if self.budget_bytes < nbytes or key in self.entries:
-            return
-        self.entries[key] = row
-        self._bytes += nbytes
-        while self._bytes > self.budget_bytes:
-            _, old = self.entries.popitem(last=False)
-            self._bytes -= old.numel() * old.element_size()
-
-    def state_dict(self) -> dict:
-        keys = list(self.entries)
-        return {"keys": [list(k) for k in keys], "hits": self.hits, "misses": self.misses,
-                "rows": torch.stack([self.entries[k] for k in keys]).cpu() if keys else torch.empty(0)}
-
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
-        self.entries.clear()
-        self._bytes = 0
-        for key, row in zip(state["keys"], state["rows"]):
-            self.put(tuple(key), row.to(device))
-        self.hits, self.misses = int(state["hits"]), int(state["misses"])
 
 
 class NonFiniteError(RuntimeError):
@@ -75,8 +33,6 @@ class PPOTrainer:
 
     ``rollout = trainer.generate(queries, max_new_tokens=n)`` samples responses;
     ``stats = trainer.step(queries, rollout.responses, scores)`` makes the update.
-    When the step can reuse the sampling pass (``fusable``), generate() keeps its graph, and one bf16/fp16 copy of
-    the LoRA weights shared by all calls (PolicyModel.hold_casts), until step() or discard_rollouts().
     """
 
     def __init__(self, config: PPOConfig, policy, adapter: str | None = None, *, pad_token_id: int = 0,
@@ -90,92 +46,60 @@ class PPOTrainer:
         self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
                        if config.adap_kl_ctrl else FixedKLController(config.init_kl_coef))
         self.score_moments = RunningMoments()
-        device = policy.device
-        self.sample_generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.sample_generator = torch.Generator(device=policy.device).manual_seed(config.seed)
         self.shuffle_generator = torch.Generator().manual_seed(config.seed)
-        self.reference_cache = reference_cache or ReferenceCache(config.reference_cache_mb)
-        self.pad_multiple = 8 if device.type == "cuda" else 1
+        self.shortcuts = Shortcuts(policy, self.adapter, config, pad_token_id=pad_token_id,
+                                   reference_cache=reference_cache)
         # fp16 compute (V100): scale the loss so that small LoRA gradients do not underflow
-        self.scaler = torch.amp.GradScaler(device.type) \
+        self.scaler = torch.amp.GradScaler(policy.device.type) \
             if getattr(policy, "compute_dtype", None) == torch.float16 else None
-        self.chunk_tokens = config.micro_batch_tokens
         self.step_count = 0
-        self.counters = {"oom_backoffs": 0, "skipped_steps": 0, "nonfinite_steps": 0}
+        self.counters = {"skipped_steps": 0, "nonfinite_steps": 0}
         self._consecutive_nonfinite = 0
-        self._tree: PromptTree | None = None  # the episode's prompt tree under the current weights
-        self._memo: dict = {}    # padded fallback: query -> first-token (logits, value), until the weights change
-        self._tokens_computed = 0  # backbone tokens since the last step (sampling, old, reference, recomputed)
-        self._fused: dict = {}   # (query, response) -> (logprobs [R], values [R], entropy [R]) with graph
-        self.keep_graphs = True  # False after an out-of-memory error while graphs were kept: recompute from then on
         self.sync_timing = False
         """True: the time/ppo/* statistics synchronise the device at their boundaries, so that they measure device
         work, not just its launch (benchmarks set it; it costs a few host syncs per step)."""
 
-    # ---------------------------------------------------------------------------------------------- rollout
+    @property
+    def reference_cache(self) -> ReferenceCache:
+        return self.shortcuts.reference_cache
+
+    @reference_cache.setter
+    def reference_cache(self, cache: ReferenceCache) -> None:  # learners on one base share one cache
+        self.shortcuts.reference_cache = cache
+
     @property
     def fusable(self) -> bool:
-        """True when a step makes exactly one optimiser step over the whole batch, so the sampling pass can be
-        its forward pass (ratio = 1 exactly)."""
-        c = self.config
-        return c.fuse_rollout and c.ppo_epochs == 1 and c.batch_size == c.backward_batch_size \
-            and c.kl_penalty != "full"
+        """True when a step makes exactly one optimiser step over the whole batch (see Shortcuts.fusable)."""
+        return self.shortcuts.fusable
 
+    @property
+    def keep_graphs(self) -> bool:
+        """False after an out-of-memory error while sampling graphs were kept: steps recompute from then on."""
+        return self.shortcuts.keep_graphs
+
+    @property
+    def chunk_tokens(self) -> int | None:
+        """The forward token budget (config.micro_batch_tokens, halved on out-of-memory)."""
+        return self.shortcuts.chunk_tokens
+
+    # ---------------------------------------------------------------------------------------------- rollout
     def generate(self, queries: list[torch.Tensor], *, max_new_tokens: int, top_k: int = 0, top_p: float = 1.0,
                  stop_at_eos: bool = False, eos_token_id=None, probe_tokens: list[int] | None = None) -> Rollout:
         """Sample responses with this trainer's adapter, temperature and random stream (see generation.sample).
         The calls between two steps grow one prompt tree: a token an earlier call computed is not computed again."""
-        keep = self.fusable and self.keep_graphs
-        kwargs = dict(max_new_tokens=max_new_tokens, temperature=self.config.temperature, top_k=top_k, top_p=top_p,
-                      stop_at_eos=stop_at_eos, eos_token_id=eos_token_id, pad_token_id=self.pad_token_id,
-                      generator=self.sample_generator, keep_graph=keep, max_tokens=self.chunk_tokens,
-                      memo=self._memo, probe_tokens=probe_tokens)
-        if keep:
-            self.policy.hold_casts(self)
-        before = self.policy.backbone_tokens
-        with self.policy.adapter(self.adapter):
-            rollout = self._sample_with_backoff(queries, kwargs)
-        self._tokens_computed += self.policy.backbone_tokens - before
-        if rollout.logprobs_graph is not None:
-            for i, (q, r) in enumerate(zip(queries, rollout.responses)):
-                n = len(r)
-                self._fused[(tuple(q.tolist()), tuple(r.tolist()))] = (
-                    rollout.logprobs_graph[i, :n], rollout.values_graph[i, :n], rollout.entropy[i, :n])
-        return rollout
-
-    def _sample_with_backoff(self, queries, kwargs) -> Rollout:
-        """sample() into the episode's tree; on out-of-memory, drop the tree (a failed pass may have extended its
-        cache part-way), first stop keeping graphs for fused steps (this run's steps then recompute their forward
-        pass in token-budget chunks), then sample each half of the batch separately (recursively) and join them."""
-        if self._tree is None and self.policy.tree_supported:
-            self._tree = PromptTree(self.policy)
-        try:
-            return sample(self.policy, queries, tree=self._tree, **kwargs)
-        except torch.OutOfMemoryError:
-            self._tree = None
-            if kwargs["keep_graph"]:
-                self._stop_keeping_graphs()
-                return self._sample_with_backoff(queries, {**kwargs, "keep_graph": False})
-            if len(queries) == 1:
-                raise
-            self.counters["oom_backoffs"] += 1
-            half = len(queries) // 2
-            return join_rollouts([self._sample_with_backoff(queries[:half], kwargs),
-                                  self._sample_with_backoff(queries[half:], kwargs)])
-
-    def _stop_keeping_graphs(self) -> None:
-        """After an out-of-memory error with sampling graphs alive: free them; this and every later step
-        recomputes its forward pass in token-budget chunks."""
-        self.counters["oom_backoffs"] += 1
-        self.discard_rollouts()
-        self.keep_graphs = False
+        return self.shortcuts.sample(queries, max_new_tokens=max_new_tokens, temperature=self.config.temperature,
+                                     top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
+                                     generator=self.sample_generator, probe_tokens=probe_tokens)
 
     def discard_rollouts(self) -> None:
-        """Drop kept sampling graphs and prefill memos (e.g. when a batch is not stepped)."""
-        self._tree = None
-        self._memo.clear()
-        self._fused.clear()
-        self._tokens_computed = 0
-        self.policy.release_casts(self)
+        """Drop kept sampling graphs, the prompt tree and weight casts (e.g. when a batch is not stepped)."""
+        self.shortcuts.discard()
+        self.shortcuts.take_tokens_computed()
+
+    def reference_logprobs(self, queries, responses, R: int, full: bool = False):
+        """Reference log-probs [B, R] (and [B, R, V] log-distributions if full), adapters disabled."""
+        return self.shortcuts.reference(queries, responses, R, full)
 
     # ------------------------------------------------------------------------------------------------- step
     def _now(self) -> float:
@@ -186,7 +110,7 @@ class PPOTrainer:
     def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores) -> dict[str, float]:
         """One PPO step on a batch of (query [L_i], response [R_i], scalar score) triples."""
         cfg, timing, t_start = self.config, {}, self._now()
-        tokens_before, sampled_tokens, self._tokens_computed = self.policy.backbone_tokens, self._tokens_computed, 0
+        sampled_tokens = self.shortcuts.take_tokens_computed()
         queries, responses, raw_scores = self._check_inputs(queries, responses, scores)
         B, device = len(queries), self.policy.device
         R = max(len(r) for r in responses)
@@ -201,20 +125,11 @@ class PPOTrainer:
 
         # ALGO LOGIC: 2. rollout ("old") log-probs and values; 3. reference log-probs
         t = self._now()
-        keys = [(tuple(q.tolist()), tuple(r.tolist())) for q, r in zip(queries, responses)]
-        fused = self.fusable and all(k in self._fused for k in keys)
-        graph, old_full = None, None
-        if fused:
-            graph = tuple(self._pad_rows([self._fused[k][n] for k in keys], R) for n in range(3))
-            old_logprobs, old_values = graph[0].detach(), graph[1].detach()
-        else:
-            self.discard_rollouts()
-            with torch.no_grad(), self.policy.adapter(self.adapter):
-                out = self._with_oom_backoff(queries, responses, lambda: self._forward(
-                    queries, responses, with_values=True, full=cfg.kl_penalty == "full"))
-            old_logprobs, old_values, old_full = out["logprobs"], out["values"], out.get("full")
+        full = cfg.kl_penalty == "full"
+        old = self.shortcuts.rollout_values(queries, responses, R, full)
+        old_logprobs, old_values = old.logprobs, old.values
         t_ref = self._now()
-        ref_logprobs, ref_full = self.reference_logprobs(queries, responses, R, full=cfg.kl_penalty == "full")
+        ref_logprobs, ref_full = self.shortcuts.reference(queries, responses, R, full)
         t_end = self._now()
         timing["time/ppo/reference"], timing["time/ppo/forward_pass"] = t_end - t_ref, t_end - t
 
@@ -222,7 +137,7 @@ class PPOTrainer:
         t = self._now()
         kl_coef = self.kl_ctl.value
         if cfg.kl_penalty == "full":
-            kl = F.kl_penalty(old_full, ref_full, "full") * mask
+            kl = F.kl_penalty(old.full, ref_full, "full") * mask
         else:
             kl = F.kl_penalty(old_logprobs, ref_logprobs, cfg.kl_penalty) * mask
         rewards, non_score = F.compute_rewards(scores, kl, mask, kl_coef)
@@ -247,11 +162,11 @@ class PPOTrainer:
                                                   self.shuffle_generator):
                 micro_batches = [mb.to(device) for mb in micro_batches]
                 step_stats.append(self._optimizer_step(queries, responses, batch, micro_batches,
-                                                       graph if epoch == 0 else None))
+                                                       old.graph if epoch == 0 else None))
             if cfg.early_stopping and float(step_stats[-1]["policy/policykl"]) > 1.5 * cfg.target_kl:
                 early_stopped = True
                 break
-        self.discard_rollouts()
+        self.shortcuts.discard()
         timing["time/ppo/optimize_step"] = self._now() - t
 
         # ALGO LOGIC: 7. adapt the KL coefficient to the batch's mean sequence KL
@@ -263,11 +178,12 @@ class PPOTrainer:
         stats.update(self._batch_stats(batch, scores, raw_scores, ref_logprobs, seq_kl, non_score, queries,
                                        responses, kl_coef))
         stats = self._to_floats(stats)
-        stats.update({"ppo/fused_rollout": float(fused), "ppo/early_stopped": float(early_stopped),
+        stats.update({"ppo/fused_rollout": float(old.graph is not None), "ppo/early_stopped": float(early_stopped),
                       "ppo/optimizer_steps": float(len(step_stats)),
                       "ppo/ref_cache_hits": float(self.reference_cache.hits),
                       "ppo/ref_cache_misses": float(self.reference_cache.misses),
-                      "ppo/tokens_computed": float(sampled_tokens + self.policy.backbone_tokens - tokens_before),
+                      "ppo/tokens_computed": float(sampled_tokens + self.shortcuts.take_tokens_computed()),
+                      "ppo/oom_backoffs": float(self.shortcuts.oom_backoffs),
                       **{f"ppo/{k}": float(v) for k, v in self.counters.items()}})
         timing["time/ppo/calc_stats"] = self._now() - t
         timing["time/ppo/total"] = self._now() - t_start
@@ -275,83 +191,25 @@ class PPOTrainer:
         return stats
 
     # ----------------------------------------------------------------------------------------- pieces of step
-    def _forward(self, queries, responses, *, with_values=True, full=False, with_entropy=False):
-        return self.policy.forward_responses(
-            queries, responses, temperature=self.config.temperature, with_values=with_values,
-            full_logprobs=full, with_entropy=with_entropy, max_tokens=self.chunk_tokens,
-            pad_multiple=self.pad_multiple, pad_token_id=self.pad_token_id)
-
-    @torch.no_grad()
-    def reference_logprobs(self, queries, responses, R: int, full: bool = False):
-        """Reference log-probs [B, R] (and full log-distributions [B, R, V] if full) with adapters disabled,
-        from the prefix cache where possible."""
-        cache = self.reference_cache
-        use_cache = cache.budget_bytes > 0
-        rows: dict[tuple[int, int], torch.Tensor] = {}
-        missing = []
-        for i, (q, r) in enumerate(zip(queries, responses)):
-            prefix, found = tuple(q.tolist()), []
-            for token in r.tolist():
-                row = cache.get(prefix) if use_cache else None
-                if row is None:
-                    break
-                found.append(row)
-                prefix += (token,)
-            if len(found) == len(r):
-                rows.update({(i, j): row for j, row in enumerate(found)})
-                cache.hits += 1
-            else:
-                cache.misses += use_cache
-                missing.append(i)
-        if missing:
-            sub_q, sub_r = [queries[i] for i in missing], [responses[i] for i in missing]
-            with self.policy.reference():
-                out = self._with_oom_backoff(sub_q, sub_r, lambda: self._forward(sub_q, sub_r, with_values=False,
-                                                                                 full=True))
-            for n, i in enumerate(missing):
-                prefix = tuple(queries[i].tolist())
-                for j, token in enumerate(responses[i].tolist()):
-                    rows[i, j] = out["full"][n, j]
-                    if use_cache:
-                        cache.put(prefix, rows[i, j])
-                    prefix += (token,)
-        index = sorted(rows)
-        table = torch.stack([rows[key] for key in index])                              # [N, V]
-        tokens = torch.stack([responses[i][j] for i, j in index]).to(table.device)     # [N]
-        ref_logprobs = torch.zeros(len(queries), R, device=table.device)
-        rows_i = torch.tensor([i for i, _ in index], device=table.device)
-        rows_j = torch.tensor([j for _, j in index], device=table.device)
-        ref_logprobs[rows_i, rows_j] = table.gather(1, tokens[:, None]).squeeze(1)
-        ref_full = None
-        if full:
-            ref_full = torch.zeros(len(queries), R, table.shape[-1], device=table.device)
-            ref_full[rows_i, rows_j] = table
-        return ref_logprobs, ref_full
-
     def _optimizer_step(self, queries, responses, batch, micro_batches, graph) -> dict[str, torch.Tensor]:
         """Accumulate the loss of k micro-batches (each scaled by 1/k), then one optimiser step unless the step is
         skipped (mean ratio above ratio_threshold, or non-finite loss/gradients)."""
         cfg = self.config
         k = len(micro_batches)
-        while True:
-            try:
-                self.optimizer.zero_grad(set_to_none=True)
-                if graph is not None:  # the rollout's own forward pass: one backward through it
-                    total, parts = 0.0, []
-                    for mb in micro_batches:
-                        loss, st = self._loss(self._select(batch, mb), graph[0][mb], graph[1][mb], graph[2][mb],
-                                              batch["mask"][mb].sum())
-                        total, _ = total + loss / k, parts.append(st)
-                    self._backward(total)
-                else:
-                    parts = [self._micro_batch_backward(queries, responses, batch, mb, k) for mb in micro_batches]
-                break
-            except torch.OutOfMemoryError:
-                if graph is not None:
-                    graph = None
-                    self._stop_keeping_graphs()
-                elif not self._halve_budget(queries, responses):
-                    raise
+
+        def accumulate(graph):
+            self.optimizer.zero_grad(set_to_none=True)
+            if graph is None:
+                return [self._micro_batch_backward(queries, responses, batch, mb, k) for mb in micro_batches]
+            total, parts = 0.0, []  # the rollout's own forward pass: one backward through it
+            for mb in micro_batches:
+                loss, st = self._loss(self._select(batch, mb), graph[0][mb], graph[1][mb], graph[2][mb],
+                                      batch["mask"][mb].sum())
+                total, _ = total + loss / k, parts.append(st)
+            self._backward(total)
+            return parts
+
+        parts = self.shortcuts.until_it_fits(accumulate, graph, queries, responses)
         st = {name: torch.stack([p[name] for p in parts]).mean() for name in parts[0]}
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -383,9 +241,7 @@ class PPOTrainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-        self._tree = None  # the weights changed: the tree's states, prefills and held weight casts are stale
-        self._memo.clear()
-        self.policy.weights_changed()
+        self.shortcuts.weights_changed()
         return st
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -398,8 +254,9 @@ class PPOTrainer:
         n_tokens = batch["mask"][mb].sum()
         parts = []
         with self.policy.adapter(self.adapter):
-            for chunk in self._chunks_of(idx, queries, responses):
-                out = self._forward([queries[i] for i in chunk], [responses[i] for i in chunk], with_entropy=True)
+            for chunk in self.shortcuts.chunks(idx, queries, responses):
+                out = self.shortcuts.forward([queries[i] for i in chunk], [responses[i] for i in chunk],
+                                             with_entropy=True)
                 sel = torch.tensor(chunk, device=mb.device)
                 loss, st = self._loss(self._select(batch, sel), out["logprobs"], out["values"], out["entropy"],
                                       n_tokens)
@@ -425,33 +282,6 @@ class PPOTrainer:
     @staticmethod
     def _select(batch: dict, rows: torch.Tensor) -> dict:
         return {name: value[rows] for name, value in batch.items()}
-
-    def _chunks_of(self, idx, queries, responses):
-        lengths = [len(queries[i]) + len(responses[i]) for i in idx]
-        return [[idx[j] for j in chunk]
-                for chunk in token_budget_chunks(lengths, self.chunk_tokens, self.pad_multiple)]
-
-    def _halve_budget(self, queries, responses) -> bool:
-        """After an out-of-memory error: halve the forward token budget; False if one sample no longer fits."""
-        longest = max(len(q) + len(r) for q, r in zip(queries, responses))
-        current = self.chunk_tokens or longest * len(queries)
-        if current <= longest:
-            return False
-        self.chunk_tokens = max(longest, current // 2)
-        self.counters["oom_backoffs"] += 1
-        return True
-
-    def _with_oom_backoff(self, queries, responses, fn):
-        while True:
-            try:
-                return fn()
-            except torch.OutOfMemoryError:
-                if not self._halve_budget(queries, responses):
-                    raise
-
-    @staticmethod
-    def _pad_rows(rows: list[torch.Tensor], R: int) -> torch.Tensor:
-        return torch.stack([torch.nn.functional.pad(r, (0, R - len(r))) for r in rows])
 
     def _check_inputs(self, queries, responses, scores):
         if not isinstance(queries, (list, tuple)) or not isinstance(responses, (list, tuple)):
@@ -521,8 +351,9 @@ class PPOTrainer:
         return {"optimizer": self.optimizer.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
                 "score_moments": self.score_moments.state_dict(), "step_count": self.step_count,
                 "sample_generator": self.sample_generator.get_state(),
-                "shuffle_generator": self.shuffle_generator.get_state(), "counters": dict(self.counters),
-                "chunk_tokens": self.chunk_tokens, "keep_graphs": self.keep_graphs,
+                "shuffle_generator": self.shuffle_generator.get_state(),
+                "counters": {**self.counters, "oom_backoffs": self.shortcuts.oom_backoffs},
+                "chunk_tokens": self.shortcuts.chunk_tokens, "keep_graphs": self.shortcuts.keep_graphs,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
@@ -532,9 +363,11 @@ class PPOTrainer:
         self.step_count = int(state["step_count"])
         self.sample_generator.set_state(state["sample_generator"])
         self.shuffle_generator.set_state(state["shuffle_generator"])
-        self.counters.update(state["counters"])
-        self.chunk_tokens = state["chunk_tokens"]
-        self.keep_graphs = bool(state.get("keep_graphs", True))
+        counters = dict(state["counters"])
+        self.shortcuts.oom_backoffs = int(counters.pop("oom_backoffs", 0))
+        self.counters.update(counters)
+        self.shortcuts.chunk_tokens = state["chunk_tokens"]
+        self.shortcuts.keep_graphs = bool(state.get("keep_graphs", True))
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.discard_rollouts()

@@ -196,7 +196,7 @@ def test_disk_full_keeps_the_last_checkpoint(tmp_path, tiny_chat_model_dir, monk
 
 
 def test_out_of_memory_in_generation_backs_off(tmp_path, tiny_chat_model_dir, monkeypatch):
-    import ppo_core.trainer as tr
+    import ppo_core.shortcuts as tr
     real_sample = tr.sample
     calls = {"n": 0}
 

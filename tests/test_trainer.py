@@ -389,7 +389,7 @@ def test_out_of_memory_while_keeping_graphs_drops_them_and_recomputes(monkeypatc
     """An out-of-memory error in a graph-keeping generate call frees the graphs kept so far, later calls keep
     none (for the rest of the run, and after a resume), and the step recomputes its forward pass: same responses
     and the same update as a trainer that never fused (rtol 1e-4, atol 1e-6, as the fused-vs-recomputed test)."""
-    import ppo_core.trainer as trainer_module
+    import ppo_core.shortcuts as trainer_module
     cfg = PPOConfig(batch_size=6, mini_batch_size=6, ppo_epochs=1, learning_rate=1e-3)
     _, flaky = make(cfg)
     _, plain = make(dataclasses.replace(cfg, fuse_rollout=False))
@@ -404,7 +404,7 @@ def test_out_of_memory_while_keeping_graphs_drops_them_and_recomputes(monkeypatc
     monkeypatch.setattr(trainer_module, "sample", sample)
     queries = [random_queries(2, seed=s) for s in range(3)]
     responses = [flaky.generate(q, max_new_tokens=2).responses for q in queries]
-    assert kept == [True, True, False, False] and not flaky._fused
+    assert kept == [True, True, False, False] and not flaky.shortcuts._fused
     monkeypatch.setattr(trainer_module, "sample", real_sample)
     plain_responses = [plain.generate(q, max_new_tokens=2).responses for q in queries]
     flat = lambda xs: [x for part in xs for x in part]  # noqa: E731
@@ -416,14 +416,14 @@ def test_out_of_memory_while_keeping_graphs_drops_them_and_recomputes(monkeypatc
     for pf, pp in zip(flaky.params, plain.params):
         assert torch.allclose(pf.grad, pp.grad, rtol=1e-4, atol=1e-6)
     flaky.generate(random_queries(2, seed=9), max_new_tokens=2)
-    assert not flaky.keep_graphs and not flaky._fused
+    assert not flaky.keep_graphs and not flaky.shortcuts._fused
     _, resumed = make(cfg)
     resumed.load_state_dict(flaky.state_dict())
     assert not resumed.keep_graphs
 
 
 def test_out_of_memory_in_generation_samples_each_half(monkeypatch):
-    import ppo_core.trainer as trainer_module
+    import ppo_core.shortcuts as trainer_module
     _, trainer = make(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, fuse_rollout=False))
     real_sample, sizes = trainer_module.sample, []
 
@@ -436,6 +436,6 @@ def test_out_of_memory_in_generation_samples_each_half(monkeypatch):
     monkeypatch.setattr(trainer_module, "sample", sample)
     queries = random_queries(4, seed=5)
     rollout = trainer.generate(queries, max_new_tokens=2)
-    assert sizes == [4, 2, 2] and trainer.counters["oom_backoffs"] == 1
+    assert sizes == [4, 2, 2] and trainer.shortcuts.oom_backoffs == 1
     assert len(rollout.responses) == 4 and rollout.logprobs.shape == (4, 2)
     assert trainer.step(queries, rollout.responses, [1.0, 0.0, -1.0, 0.5])["ppo/oom_backoffs"] == 1
