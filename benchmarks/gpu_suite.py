@@ -58,8 +58,12 @@ def _cases(tiny: bool, quick: bool) -> list[dict]:
         dict(name="paper_G1", work=dict(games=1, steps=5, gen_len=2), learners=1, episodes=n(3, 10)),
         dict(name="paper_G1_unfused", work=dict(games=1, steps=5, gen_len=2), learners=1, episodes=n(2, 5),
              ppo=dict(fuse_rollout=False)),
+        dict(name="paper_G1_no_tree", work=dict(games=1, steps=5, gen_len=2), learners=1, episodes=n(2, 5),
+             tree=False),
         dict(name="prefix_G1", work=dict(games=1, steps=5, gen_len=1), learners=1, episodes=n(2, 5)),
         dict(name="paper_G8", work=dict(games=8, steps=5, gen_len=2), learners=1, episodes=n(2, 5)),
+        dict(name="paper_G8_no_tree", work=dict(games=8, steps=5, gen_len=2), learners=1, episodes=n(2, 5),
+             tree=False),
         dict(name="paper_G64", work=dict(games=64, steps=5, gen_len=2), learners=1, episodes=n(1, 3),
              fallback=dict(fuse_rollout=False, micro_batch_tokens=budget)),
         dict(name="two_learners_G1", work=dict(games=1, steps=3, gen_len=2), learners=2, episodes=n(2, 5)),
@@ -138,6 +142,7 @@ def run_model(name: str, block: dict, device: torch.device, dtype: torch.dtype, 
             for attempt, overrides in enumerate(attempts):
                 log(f"[{name}] {case['name']}: G={work.games} N={work.steps} gen={work.gen_len} "
                     f"learners={case['learners']} {overrides or ''}")
+                policy.use_prompt_tree = case.get("tree", True)  # the *_no_tree cases: padded sequences
                 trainers = _make_trainers(policy, case["learners"], batch, overrides, seed)
                 if case["name"] in simulate_oom and attempt == 0:
                     _simulate_oom(trainers, after_calls=2)

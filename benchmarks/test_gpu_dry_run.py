@@ -17,7 +17,8 @@ from ppo_core.testing import tiny_llama_config
 
 pytestmark = pytest.mark.cpu_benchmark
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = ["paper_G1", "paper_G1_unfused", "prefix_G1", "paper_G8", "paper_G64", "two_learners_G1"]
+CASES = ["paper_G1", "paper_G1_unfused", "paper_G1_no_tree", "prefix_G1", "paper_G8", "paper_G8_no_tree",
+         "paper_G64", "two_learners_G1"]
 
 
 @pytest.fixture
@@ -45,9 +46,15 @@ def test_gpu_suite_runs_end_to_end_on_cpu_with_tiny_gemma2(dtype, tmp_path, one_
     assert list(block["cases"]) == CASES
     for name, case in block["cases"].items():
         assert "error" not in case, name
-        assert case["s_per_episode"] > 0 and case["losses_finite"] and case["flops_per_episode"] > 0, name
+        assert case["s_per_episode"] > 0 and case["losses_finite"] and case["tokens_computed_per_episode"] > 0, name
         assert case["generation_s"] + case["step_s"] <= case["s_per_episode"] * 1.001, name
-        assert 0 < case["floor_over_measured"] < 1, name
+        assert case["prompt_tree"] == (not name.endswith("_no_tree")), name
+        if not case["prompt_tree"]:  # the FLOP model counts the padded computation
+            assert case["flops_per_episode"] > 0 and 0 < case["floor_over_measured"] < 1, name
+    for size in ("G1", "G8"):  # the tree computes fewer tokens than padded sequences of the same episode shape
+        cases = block["cases"]
+        assert cases[f"paper_{size}"]["tokens_computed_per_episode"] < \
+            cases[f"paper_{size}_no_tree"]["tokens_computed_per_episode"], size
     cases = block["cases"]
     assert cases["paper_G1"]["fused_rollout"] == 1.0 and cases["paper_G1_unfused"]["fused_rollout"] == 0.0
     assert cases["prefix_G1"]["gen_len"] == 1 and cases["prefix_G1"]["ref_cache_hit_rate"] > 0
@@ -78,6 +85,7 @@ def test_flop_model_matches_torch_flop_counter(arch, fuse, gen_len, one_thread):
         bench.build_random_checkpoint(config, folder, torch.device("cpu"), dtype=torch.float32)
         lora = LoraSettings(r=8, alpha=16, dropout=0.0)
         policy = bench.load_policy(folder, torch.device("cpu"), lora=lora, quantize="none", dtype=torch.float32)
+    policy.use_prompt_tree = False  # the FLOP model counts the padded computation
     dims = bench.Dims.from_config(config, lora.r)
     pool = bench.random_prompt_pool(4, 24, config.vocab_size, "cpu")
     trainers = {"agent": PPOTrainer(bench.ppo_config(6, fuse_rollout=fuse), policy, "agent")}

@@ -181,6 +181,8 @@ class PolicyModel(nn.Module):
         self._autocast = self.compute_dtype in (torch.bfloat16, torch.float16)
         self._cast_holders: set = set()
         self._tree_supported: bool | None = None
+        self.use_prompt_tree = True
+        """False: compute padded sequences even where the prompt tree works (benchmarks compare the two)."""
         self.backbone_tokens = 0
         """Tokens that went through the backbone so far (padding included), for ppo/tokens_computed."""
         import inspect
@@ -280,7 +282,9 @@ class PolicyModel(nn.Module):
     def tree_supported(self) -> bool:
         """Whether this model computes a packed prompt tree exactly: probed once on two short sequences that share
         a prefix (tree vs separate sequences, fp32 tolerance 1e-4 relative to the logits' scale). A model that
-        fails keeps the padded path, with one warning."""
+        fails keeps the padded path, with one warning. False too when use_prompt_tree is switched off."""
+        if not self.use_prompt_tree:
+            return False
         if self._tree_supported is None:
             counted = self.backbone_tokens  # the probe is not any step's work
             self._tree_supported = self._probe_tree()

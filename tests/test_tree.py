@@ -38,7 +38,7 @@ def make_policy(arch: str, attn: str, seed: int = 0) -> PolicyModel:
 
 def padded(policy):
     """The same policy on its padded path (as for a model that cannot take the tree's mask)."""
-    policy._tree_supported = False
+    policy.use_prompt_tree = False
     return policy
 
 
