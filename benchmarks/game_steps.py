@@ -1,0 +1,42 @@
+"""Game steps per second of the main job at a given --parallel-games, through the real training loop:
+
+    python -m benchmarks.game_steps G [MEASURED]     (1 warm-up episode, then MEASURED episodes; default 2)
+
+Prints seconds per episode, game steps (decisions) per second and the tokens through the backbone per episode
+(ppo/tokens_computed). Run it on an idle machine; compare versions in one sitting.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+
+
+def main(argv: list[str]) -> None:
+    from moral.config import RunConfig
+    from moral.finetune import FineTuning
+
+    games, measured = int(argv[0]), int(argv[1]) if len(argv) > 1 else 2
+    folder = tempfile.mkdtemp(prefix="game-steps-")
+    try:
+        run = FineTuning(RunConfig(episodes=measured + 1, parallel_games=games).resolve(), f"{folder}/run",
+                         progress=False)
+        times, tokens = [], []
+        for i in range(measured + 1):
+            t = time.perf_counter()
+            episode = run.run_episode()
+            if i:
+                times.append(time.perf_counter() - t)
+                tokens.append(episode.stats["agent"]["ppo/tokens_computed"])
+        run.logs.close()
+        seconds = sum(times) / len(times)
+        print(f"--parallel-games {games}: {seconds:.2f} s/episode, {run.config.steps * games / seconds:.2f} game "
+              f"steps/s, tokens per episode {tokens}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
