@@ -10,9 +10,10 @@ from .generation import Rollout, sample
 from .model import LoraSettings, PolicyModel, compute_dtype_for, load_causal_lm, save_adapter
 from .shortcuts import ReferenceCache
 from .trainer import NonFiniteError, PPOTrainer
+from .tree import PromptTree
 
 __all__ = [
     "AdaptiveKLController", "CheckpointError", "FixedKLController", "LoraSettings", "NonFiniteError", "PPOConfig",
-    "PPOTrainer", "PolicyModel", "ReferenceCache", "Rollout", "RunningMoments", "compute_dtype_for",
+    "PPOTrainer", "PolicyModel", "PromptTree", "ReferenceCache", "Rollout", "RunningMoments", "compute_dtype_for",
     "load_causal_lm", "load_checkpoint", "sample", "save_adapter", "save_checkpoint",
 ]
