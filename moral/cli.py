@@ -5,6 +5,8 @@
     run.py --resume RUN_FOLDER                        continue a stopped run with its own settings
     run.py eval RUN_FOLDER [RUN_FOLDER ...]           generalisation tests -> RUN_FOLDER/eval/
     run.py report RUN_FOLDER [...] --out DIR          tables and figures across runs
+    run.py sweep GRID.toml --out DIR                  every run of an experiment grid, on Ray (moral.sweep)
+    run.py eval SWEEP_DIR / report SWEEP_DIR --out R  evaluate / report every finished run of a sweep
 
 Bad input gets one line naming the bad value and the allowed ones, and exit code 2; the work lives in moral/.
 """
@@ -18,7 +20,7 @@ import os
 import sys
 import time
 
-SUBCOMMANDS = ("train", "eval", "report")  # `sweep` joins them with the experiment grid
+SUBCOMMANDS = ("train", "eval", "report", "sweep")
 PROG = "run.py"
 
 
@@ -73,7 +75,7 @@ def require_run_folders(folders: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- train
-def train_parser(prog: str = PROG) -> argparse.ArgumentParser:
+def train_parser(prog: str = PROG, parser_class=OneLineParser) -> argparse.ArgumentParser:
     from games import OPPONENT_NAMES, TOKEN_SETS
     from ppo_core.model import QUANTIZE_CHOICES
 
@@ -83,8 +85,9 @@ def train_parser(prog: str = PROG) -> argparse.ArgumentParser:
     from .rewards import REWARDS
     from .trackers import TRACKERS
 
-    p = OneLineParser(prog=prog, description="Fine-tune an LLM agent with a moral reward on the IPD (PPO). "
-                                             f"Other subcommands: {prog} eval --help, {prog} report --help.")
+    p = parser_class(prog=prog, description="Fine-tune an LLM agent with a moral reward on the IPD (PPO). Other "
+                                            f"subcommands: {prog} sweep --help, {prog} eval --help, "
+                                            f"{prog} report --help.")
     p.add_argument("--reward", help=f"{', '.join(REWARDS)}, or a schedule such as game:500,deont:500 (default deont)")
     p.add_argument("--opponent", choices=OPPONENT_NAMES, metavar="NAME",
                    help=f"{', '.join(OPPONENT_NAMES)} (default tft)")
@@ -167,15 +170,14 @@ def train(argv: list[str], prog: str = PROG) -> None:
     from .config import RunConfig, UsageError
     from .finetune import FineTuning, Interrupted, RunError
     from .summary import format_summary
+    from .sweep import settings_from_args
 
     args = train_parser(prog).parse_args(argv)
     try:
         if args.resume:
             config, folder, resume = _resumed_config(args), args.resume, True
         else:
-            settings = {k: v for k, v in vars(args).items()
-                        if k not in ("resume", "no_progress", "out") and v is not None}
-            config = RunConfig(**settings).resolve()
+            config = RunConfig(**settings_from_args(args)).resolve()
             folder, resume = _new_run_folder(args, config), False
         quiet_libraries()
         try:
@@ -223,6 +225,7 @@ def eval_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--threads", type=positive_int)
     p.add_argument("--no-progress", action="store_true")
+    add_engine_options(p, "evaluation")
     return p
 
 
@@ -238,15 +241,23 @@ def evaluate(argv: list[str], prog: str = PROG) -> None:
         cfg.validate()
     except ValueError as exc:
         usage_error(str(exc))
-    require_run_folders(args.runs)
+    from .sweep import eval_sweep, is_sweep_folder
+    sweeps = [r for r in args.runs if is_sweep_folder(r)]
+    require_run_folders([r for r in args.runs if r not in sweeps])
     quiet_libraries()
-    for run in args.runs:
+    failed = False
+    for folder in sweeps:
+        failed |= _with_usage_errors(eval_sweep, folder, cfg, **_engine_settings(args),
+                                     progress=not args.no_progress) != 0
+    for run in [r for r in args.runs if r not in sweeps]:
         try:
             metrics = run_eval(run, cfg, device=args.device, threads=args.threads, progress=not args.no_progress)
         except ValueError as exc:
             usage_error(str(exc))
         print(f"{run}: {metrics['decisions']} decisions in {metrics['wall_s']:.0f} s -> {run}/eval/")
         print_regret(metrics["groups"])
+    if failed:
+        sys.exit(1)
 
 
 def print_regret(groups: list[dict]) -> None:
@@ -267,8 +278,9 @@ def print_regret(groups: list[dict]) -> None:
 
 # -------------------------------------------------------------------------------------------------------- report
 def report_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    p = OneLineParser(prog=f"{prog} report", description="Tables and figures across run folders.")
-    p.add_argument("runs", nargs="+", metavar="RUN_FOLDER")
+    p = OneLineParser(prog=f"{prog} report", description="Tables and figures across run folders, or of a sweep "
+                                                         "folder (grouped by condition, 95%% intervals over seeds).")
+    p.add_argument("runs", nargs="+", metavar="RUN_FOLDER|SWEEP_DIR")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--tokens", metavar="SET", help="token set of the evaluation tables (default action34 if present)")
     return p
@@ -277,10 +289,20 @@ def report_parser(prog: str = PROG) -> argparse.ArgumentParser:
 def report(argv: list[str], prog: str = PROG) -> None:
     from .report import report as make_report
 
+    from .sweep import is_sweep_folder
+
     args = report_parser(prog).parse_args(argv)
-    require_run_folders(args.runs)
+    sweeps = [r for r in args.runs if is_sweep_folder(r)]
+    if sweeps and len(args.runs) > 1:
+        usage_error(f"report takes one sweep folder or run folders, not both: {' '.join(args.runs)}")
+    if not sweeps:
+        require_run_folders(args.runs)
     try:
-        result = make_report(args.runs, args.out, tokens=args.tokens)
+        if sweeps:
+            from .report.sweep import report_sweep
+            result = report_sweep(sweeps[0], args.out, tokens=args.tokens)
+        else:
+            result = make_report(args.runs, args.out, tokens=args.tokens)
     except ValueError as exc:
         usage_error(str(exc))
     for path in result["tables"] + result["figures"]:
@@ -289,8 +311,90 @@ def report(argv: list[str], prog: str = PROG) -> None:
         print(result["message"])
 
 
+# --------------------------------------------------------------------------------------------------------- sweep
+def add_engine_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--address", help="join this Ray cluster (default: a local Ray instance sized to this machine)")
+    p.add_argument("--cpus-per-run", type=positive_float, default=1.0,
+                   help=f"CPUs of each {what} task; also its torch threads (default 1)")
+    p.add_argument("--gpus-per-run", type=nonnegative_float,
+                   help="GPUs of each task; fractions share a GPU, e.g. 0.25 packs four runs on one "
+                        "(default: 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--retries", type=nonnegative_int, default=2,
+                   help="retries of a task whose worker process died (default 2); the retry resumes the run")
+
+
+def _engine_settings(args) -> dict:
+    return {"address": args.address, "cpus": args.cpus_per_run, "gpus": args.gpus_per_run, "retries": args.retries}
+
+
+def _with_usage_errors(fn, *args, **kwargs):
+    from .config import UsageError
+    try:
+        return fn(*args, **kwargs)
+    except UsageError as exc:
+        usage_error(str(exc))
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def sweep_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = OneLineParser(prog=f"{prog} sweep", description="Train every run of an experiment grid (a TOML file with "
+                      "[run] options for every run and [grid] lists whose combinations are the runs) on Ray. "
+                      "Launching it again skips finished runs and resumes the others.")
+    p.add_argument("grid", metavar="GRID.toml")
+    p.add_argument("--out", help="sweep folder (default sweeps/GRID_NAME)")
+    p.add_argument("--dry-run", action="store_true", help="print every run as one `python run.py ...` line; start "
+                                                           "nothing")
+    p.add_argument("--no-progress", action="store_true", help="a line per finished run instead of a progress bar")
+    add_engine_options(p, "training")
+    return p
+
+
+def sweep(argv: list[str], prog: str = PROG) -> None:
+    from .sweep import command_line, plan, run_sweep
+
+    args = sweep_parser(prog).parse_args(argv)
+    quiet_libraries()
+    out = args.out or os.path.join("sweeps", os.path.splitext(os.path.basename(args.grid))[0])
+    specs = _with_usage_errors(plan, args.grid, out)
+    if args.dry_run:
+        for spec in specs:
+            print(command_line(spec, out))
+        return
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        usage_error("the sweep runs on Ray, which is not installed: pip install -e '.[sweep]'")
+    print(f"sweep {args.grid}: {len(specs)} runs -> {out}/ (progress in {out}/sweep.json)", flush=True)
+    code = _with_usage_errors(run_sweep, specs, out, args.grid, **_engine_settings(args),
+                              progress=not args.no_progress)
+    sys.exit(code)
+
+
 # ---------------------------------------------------------------------------------------------------------- main
-COMMANDS = {"train": train, "eval": evaluate, "report": report}
+COMMANDS = {"train": train, "eval": evaluate, "report": report, "sweep": sweep}
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:

@@ -30,7 +30,7 @@ from ppo_core.model import save_adapter
 from .agent import Codec, decide, load_agent_model
 from .config import RunConfig, UsageError, make_streams, ppo_config
 from .rewards import Phase, RewardSettings, moral_reward
-from .runio import RunLogs, checkpoint_name, complete_checkpoints, latest_checkpoint, read_csv_rows, \
+from .runio import FolderLock, FolderLocked, RunLogs, checkpoint_name, complete_checkpoints, latest_checkpoint, read_csv_rows, \
     remove_partial_writes, remove_tree, write_json_atomic
 from .summary import RunningShares, shares_line, summarise
 from .trackers import open_tracker
@@ -65,8 +65,17 @@ class Batch:
 class FineTuning:
     """One fine-tuning run: its settings, model, trainers, streams and logs."""
 
-    def __init__(self, config: RunConfig, folder: str, resume: bool = False, progress: bool = True):
-        self.folder, self.progress = folder, progress
+    def __init__(self, config: RunConfig, folder: str, resume: bool = False, progress: bool = True,
+                 on_episode=None, holder: str | None = None):
+        """`on_episode(run)` is called after every episode (the sweep reports progress with it); `holder` says who
+        holds the run folder's lock (default: this process's command line)."""
+        self.folder, self.progress, self.on_episode = folder, progress, on_episode
+        # One writer per run folder: a second process (run.py --resume, a sweep) exits at once naming this one.
+        self._lock = FolderLock(folder)
+        try:
+            self._lock.acquire(holder)
+        except FolderLocked as exc:
+            raise UsageError(str(exc)) from None
         # From here on SIGINT/SIGTERM only ask the run to stop after the current episode; train() (or a failed
         # set-up) puts the previous handlers back.
         self._stop_signal = None
@@ -75,6 +84,7 @@ class FineTuning:
             self._set_up(config, resume)
         except BaseException:
             self._restore_signal_handlers()
+            self._lock.release()
             raise
 
     def _set_up(self, config: RunConfig, resume: bool) -> None:
@@ -138,8 +148,16 @@ class FineTuning:
             for trainer in self.trainers.values():  # an episode cut short leaves kept graphs and weight casts
                 trainer.discard_rollouts()
             self._restore_signal_handlers()
-        self.logs.close()
+            self.close()
         return summary
+
+    def close(self) -> None:
+        """Close the logs and release the run folder (train() does it; for a run driven episode by episode)."""
+        try:
+            self.logs.close()
+        except OSError:  # a full disk: train() raised RunError saying so
+            pass
+        self._lock.release()
 
     def _loop(self, bar) -> None:
         c = self.config
@@ -147,6 +165,8 @@ class FineTuning:
             self.run_episode()
             bar.set_postfix(shares_line(self.shares.last), refresh=False)
             bar.update(1)
+            if self.on_episode is not None:
+                self.on_episode(self)
             saved = self.episode % c.save_every == 0 or self.episode == c.episodes
             if saved:
                 self._save_checkpoint()

@@ -9,10 +9,14 @@ their byte sizes, so that a resume cuts them back to exactly that checkpoint.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
 import shutil
+import socket
+import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 
 CSV_COLUMNS = ("episode", "step", "slot", "phase", "learner", "game", "opponent", "own_last", "opp_last", "action",
@@ -120,6 +124,54 @@ class RunLogs:
             f.close()
         if self.tracker is not None:
             self.tracker.close()
+
+
+# ------------------------------------------------------------------------------------------------------ locks
+class FolderLocked(RuntimeError):
+    """Another live process holds the folder's lock; the message names it."""
+
+
+class FolderLock:
+    """An exclusive lock on a folder while one process writes it: `FOLDER/.lock`, held with flock(2).
+
+    The kernel drops the lock when its process dies (even by SIGKILL), so a lock left by a dead process never blocks;
+    the file itself stays and only says who held it last. flock works across the processes of one machine and, on
+    Linux NFS clients, across machines sharing the folder."""
+
+    def __init__(self, folder: str, what: str = "run"):
+        self.folder, self.what, self.fd = folder, what, None
+        self.path = os.path.join(folder, ".lock")
+
+    def acquire(self, holder: str | None = None) -> "FolderLock":
+        """Take the lock or raise FolderLocked naming the holder; writes this process into the lock file."""
+        os.makedirs(self.folder, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            held_by = os.read(fd, 1000).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise FolderLocked(f"{self.folder}: this {self.what} is being written by {held_by}; wait for it to end "
+                               f"or stop it first") from None
+        what = holder or " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
+        line = (f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())} ({what})\n")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, line.encode("utf-8"), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire() if self.fd is None else self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

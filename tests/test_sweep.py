@@ -1,0 +1,225 @@
+"""The experiment grid as one job (moral/sweep.py): a 2 x 2 grid of tiny runs on a local Ray instance with 2 CPUs.
+
+A grid runs to the end; launching it again starts no run; a sweep killed mid-run and launched again ends with the
+same games.csv files as an uninterrupted one; a locked run folder turns a second writer away (exit 2) and a lock left
+by a dead process does not; bad grids fail before anything starts, in one line; --dry-run prints one line per run;
+`eval` and `report` take the sweep folder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from moral import cli
+from moral.runio import FolderLock
+from moral.sweep import GridError, plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_GRID = os.path.join(ROOT, "tests", "grids", "tiny.toml")
+NAMES = ["deont-tft-seed0", "deont-tft-seed1", "game-tft-seed0", "game-tft-seed1"]
+
+
+def write_grid(path, model_dir, text=None):
+    text = text if text is not None else open(TINY_GRID).read()
+    path.write_text(text.replace("TINY_MODEL", str(model_dir)))
+    return str(path)
+
+
+def spawn(args, **kwargs):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def sweep(grid, out, *extra):
+    proc = spawn(["sweep", grid, "--out", str(out), "--no-progress", "--cpus-per-run", "1", *extra])
+    stdout, stderr = proc.communicate(timeout=600)
+    return proc.returncode, stdout, stderr
+
+
+def games_csvs(out):
+    return {name: open(os.path.join(out, "runs", name, "games.csv"), "rb").read() for name in NAMES}
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory, tiny_chat_model_dir):
+    root = tmp_path_factory.mktemp("sweep")
+    grid = write_grid(root / "tiny.toml", tiny_chat_model_dir)
+    code, stdout, stderr = sweep(grid, root / "whole")
+    assert code == 0, stderr
+    return grid, root / "whole", stdout
+
+
+def test_a_2x2_grid_runs_to_the_end_and_a_relaunch_starts_no_run(finished_sweep):
+    grid, out, stdout = finished_sweep
+    assert sorted(os.listdir(out / "runs")) == NAMES
+    record = json.load(open(out / "sweep.json"))
+    assert record["counts"]["finished"] == 4 and record["episodes_done"] == record["episodes_total"] == 24
+    for run in record["runs"]:
+        assert run["state"] == "finished" and run["episode"] == 6 and run["wall_s"] > 0
+        assert set(run["shares"]) >= {"C|C", "C|D", "D|C", "D|D", "illegal"}
+        folder = out / "runs" / run["name"]
+        assert (folder / "final" / "agent" / "adapter_model.safetensors").is_file()
+        config = json.load(open(folder / "config.json"))
+        assert config["threads"] == 1 and config["episodes"] == 6
+        assert (config["reward"], f"seed{config['seed']}") == tuple(run["name"].split("-tft-"))[:1] + \
+            (run["name"].rsplit("-", 1)[1],)
+    before = {name: os.stat(out / "runs" / name / "games.csv").st_mtime_ns for name in NAMES}
+    code, stdout, stderr = sweep(grid, out)
+    assert code == 0, stderr
+    assert "nothing to do" in stdout
+    assert before == {name: os.stat(out / "runs" / name / "games.csv").st_mtime_ns for name in NAMES}
+    assert json.load(open(out / "sweep.json"))["counts"]["skipped"] == 4
+
+
+def test_a_sweep_killed_mid_run_and_relaunched_ends_like_an_uninterrupted_one(finished_sweep, tmp_path):
+    grid, whole, _ = finished_sweep
+    out = tmp_path / "killed"
+    proc = spawn(["sweep", grid, "--out", str(out), "--no-progress"], start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once some run has a checkpoint and is not finished
+        runs = out / "runs"
+        started = [n for n in (os.listdir(runs) if runs.is_dir() else [])
+                   if (runs / n / "checkpoints").is_dir() and os.listdir(runs / n / "checkpoints")]
+        if any(not (runs / n / "final").exists() for n in started):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray instance, workers included
+    proc.wait()
+    unfinished = [n for n in NAMES if not (out / "runs" / n / "summary.json").exists()]
+    assert unfinished, "the sweep ended before it could be killed"
+    code, stdout, stderr = sweep(grid, out)
+    assert code == 0, stderr
+    assert games_csvs(out) == games_csvs(whole)
+
+
+def test_a_locked_run_turns_a_second_writer_away_and_a_dead_holder_does_not(tmp_path, tiny_chat_model_dir):
+    folder = tmp_path / "run"
+    proc = spawn(["--reward", "game", "--model", tiny_chat_model_dir, "--episodes", "2", "--lora-rank", "4",
+                  "--format-aid", "prefix", "--threads", "1", "--no-progress", "--out", str(folder)])
+    assert proc.communicate(timeout=300) and proc.returncode == 0
+    # A live holder: `run.py --resume` exits 2 at once with one line naming it.
+    lock = FolderLock(str(folder)).acquire("the test's holder")
+    try:
+        proc = spawn(["--resume", str(folder), "--no-progress"])
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2
+        assert stderr.count("\n") == 1 and "the test's holder" in stderr and f"pid {os.getpid()}" in stderr, stderr
+    finally:
+        lock.release()
+    # A dead holder: a process that took the lock and was killed does not block.
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from moral.runio import FolderLock; "
+                               f"FolderLock({str(folder)!r}).acquire('doomed'); print('held', flush=True); "
+                               "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    assert "doomed" in (folder / ".lock").read_text()
+    proc = spawn(["--resume", str(folder), "--no-progress"])
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+
+
+def test_a_sweep_names_the_runs_it_could_not_take_and_exits_non_zero(tmp_path, tiny_chat_model_dir):
+    text = open(TINY_GRID).read().replace('seed = [0, 1]', 'seed = [0]').replace('"deont"', '"util"')
+    grid = write_grid(tmp_path / "g.toml", tiny_chat_model_dir, text)
+    lock = FolderLock(str(tmp_path / "out" / "runs" / "util-tft-seed0")).acquire("another sweep")
+    try:
+        code, stdout, stderr = sweep(grid, tmp_path / "out")
+    finally:
+        lock.release()
+    assert code == 1
+    assert "failed: util-tft-seed0:" in stderr and "another sweep" in stderr
+    assert (tmp_path / "out" / "runs" / "game-tft-seed0" / "summary.json").is_file()  # the others went on
+    record = json.load(open(tmp_path / "out" / "sweep.json"))
+    assert {r["name"]: r["state"] for r in record["runs"]} == {"game-tft-seed0": "finished",
+                                                              "util-tft-seed0": "failed"}
+
+
+BAD_GRIDS = [
+    ("[run]\nepisodez = 3\n[grid]\nseed = [0]\n", "episodez: unknown option; allowed:"),
+    ("[grid]\nopponent = ['tft', 'tit-for-tat']\n", "tit-for-tat"),
+    ("[grid]\nseed = []\n", "seed = []: an axis needs at least one value"),
+    ("[run]\nout = 'x'\n[grid]\nseed = [0]\n", "out: set by the sweep"),
+    ("[run]\nseed = [0, 1]\n[grid]\nreward = ['game']\n", "belongs under [grid]"),
+    ("[run]\nepisodes = 10\n[grid]\nreward = ['game:5,deont:4']\n", "game:5,deont:4"),
+    ("[grid]\nlr = ['fast']\n", "lr"),
+    ("[grid]\nreward = ['game']\n[grids]\nseed = [0]\n", "unknown table(s) [grids]"),
+    ("[grid\nseed = [0]\n", "not valid TOML"),
+    ("[run]\nsave-every = 2\nsave_every = 3\n[grid]\nseed = [0]\n", "given twice"),
+]
+
+
+@pytest.mark.parametrize("text,expected", BAD_GRIDS)
+def test_a_bad_grid_fails_before_anything_starts_in_one_line(tmp_path, capsys, text, expected):
+    grid = tmp_path / "bad.toml"
+    grid.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sweep", str(grid), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_prints_one_command_per_run_and_starts_nothing(tmp_path, capsys, tiny_chat_model_dir):
+    grid = write_grid(tmp_path / "g.toml", tiny_chat_model_dir)
+    cli.main(["sweep", grid, "--out", str(tmp_path / "out"), "--dry-run"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("python run.py ") for line in lines)
+    assert any("--reward deont" in line and "--seed 1" in line and line.endswith("runs/deont-tft-seed1")
+               for line in lines)
+    assert not (tmp_path / "out").exists()
+
+
+def test_grid_keys_spelled_as_options_or_with_underscores_and_names_from_settings(tmp_path, tiny_chat_model_dir):
+    text = (f"[run]\nmodel = '{tiny_chat_model_dir}'\nbatch-size = 2\nreset_at_switch = true\n"
+            "[grid]\nseed = [3]\nreward = ['game:2,deont:2']\nopponent = ['llm']\nlora_rank = [2, 4]\n")
+    specs = plan(write_grid(tmp_path / "g.toml", tiny_chat_model_dir, text), str(tmp_path / "out"))
+    assert [s.name for s in specs] == ["game2_deont2-llm-lora-rank2-seed3", "game2_deont2-llm-lora-rank4-seed3"]
+    assert all(s.config.steps == 2 and s.config.reset_at_switch and s.episodes == 4 for s in specs)
+    assert [s.config.lora_rank for s in specs] == [2, 4]
+
+
+def test_a_run_folder_started_with_other_settings_is_refused(finished_sweep, tmp_path):
+    grid, whole, _ = finished_sweep
+    changed = tmp_path / "changed.toml"
+    changed.write_text(open(grid).read().replace("lr = 0.001", "lr = 0.002"))
+    with pytest.raises(GridError, match="was started with lr=0.001 but the grid now gives 0.002"):
+        plan(str(changed), str(whole))
+
+
+def test_sweep_without_ray_says_how_to_install_it(tmp_path, capsys, monkeypatch, tiny_chat_model_dir):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    grid = write_grid(tmp_path / "g.toml", tiny_chat_model_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sweep", grid, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "pip install -e '.[sweep]'" in capsys.readouterr().err
+
+
+def test_eval_and_report_take_the_sweep_folder(finished_sweep, tmp_path):
+    grid, whole, _ = finished_sweep
+    eval_args = ["eval", str(whole), "--episodes", "2", "--steps", "2", "--variants", "structured", "--orders",
+                 "original", "--no-baselines", "--no-progress"]
+    proc = spawn(eval_args)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert "4 to evaluate" in stdout
+    assert all((whole / "runs" / n / "eval" / "metrics.json").is_file() for n in NAMES)
+    proc = spawn(eval_args)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "4 already evaluated, 0 to evaluate" in stdout
+    out = tmp_path / "report"
+    proc = spawn(["report", str(whole), "--out", str(out)])
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    for name in ("learning.png", "regret_by_game.png", "reciprocity_ipd.png", "test_action_types.png",
+                 "training_action_types.png", "sweep_results.md", "sweep_results.csv"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    table = open(out / "sweep_results.csv").read()
+    assert "Deontological" in table and "Game payoffs" in table
