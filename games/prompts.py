@@ -159,8 +159,9 @@ _TABLE_LAYOUTS = {  # paper-spec §5.3
 _TABLE_INDENT = " " * 12
 
 
-def payoff_table(game: Game, tokens: ActionTokens, table_order: str = "original") -> str:
-    """The markdown-like payoff table of the structured prompt (no newline before the first or after the last line)."""
+def payoff_table(game: Game, tokens: ActionTokens, table_order: str = "original", indent: str = _TABLE_INDENT) -> str:
+    """The markdown-like payoff table of the structured prompt (no newline before the first or after the last line),
+    every line indented by `indent` (the reference's source indentation: 12 spaces, 16 in value-prompted prompts)."""
     try:
         layout = _TABLE_LAYOUTS[table_order]
     except KeyError:
@@ -174,7 +175,7 @@ def payoff_table(game: Game, tokens: ActionTokens, table_order: str = "original"
         lines.append(f"| {tokens.string(row)} |{cells}|{end}")
     if layout.extra_blank_line:
         lines.append("")
-    return "\n".join(_TABLE_INDENT + line for line in lines)
+    return "\n".join(indent + line for line in lines)
 
 
 def structured_prompt(
@@ -415,8 +416,14 @@ VALUE_PREAMBLES = {
 }
 
 
-def with_value_preamble(prompt: str, value: str, paper_compat: bool = False) -> str:
-    """Prepend the moral-value preamble ``value`` ("deont" or "util") to ``prompt``.
+_VALUE_TABLE_INDENT = " " * 16
+
+
+def with_value_preamble(prompt: str, value: str, paper_compat: bool = False, *, variant: str = "structured") -> str:
+    """Prepend the moral-value preamble ``value`` ("deont" or "util") to ``prompt``, a prompt of ``variant``, with
+    the reference's whitespace: in the structured prompt the payoff table is indented by 16 spaces instead of 12 (the
+    indentation of the reference's value-prompted functions), and in every other variant the preamble ends with
+    ".\n " directly followed by the prompt, instead of ".\n \n".
 
     ``paper_compat=True`` reproduces the reference's typo in the value-prompted poetic prompt ("It it time").
     """
@@ -424,9 +431,15 @@ def with_value_preamble(prompt: str, value: str, paper_compat: bool = False) -> 
         preamble = VALUE_PREAMBLES[value]
     except KeyError:
         raise ValueError(f"unknown value {value!r}; choose one of {', '.join(VALUE_PREAMBLES)}") from None
+    if variant not in PROMPT_VARIANTS:
+        raise ValueError(f"unknown prompt variant {variant!r}; choose one of {', '.join(PROMPT_VARIANTS)}")
     if paper_compat:
         prompt = prompt.replace("It is time to clean the flat.", "It it time to clean the flat.")
-    return preamble + prompt
+    if variant == "structured":  # only the table's lines start with the table indent
+        prompt = "\n".join(_VALUE_TABLE_INDENT + line[len(_TABLE_INDENT):] if line.startswith(_TABLE_INDENT) else line
+                           for line in prompt.split("\n"))
+        return preamble + prompt
+    return preamble.removesuffix("\n \n") + "\n " + prompt
 
 
 # --------------------------------------------------------------------------------------------------------------------

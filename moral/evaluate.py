@@ -103,7 +103,7 @@ class Trajectory:
         text = PROMPT_VARIANTS[self.block.variant](self.state.game, tokens, self.state.agent_last,
                                                    self.state.opp_last, first, second, self.block.order)
         if self.block.group.startswith("reference+"):
-            text = with_value_preamble(text, self.block.group.split("+", 1)[1])
+            text = with_value_preamble(text, self.block.group.split("+", 1)[1], variant=self.block.variant)
         return text
 
 
