@@ -180,6 +180,9 @@ def plan(path: str, out: str) -> list[RunSpec]:
             raise GridError(f"grid runs ({names[name]}) and ({where}) would share the folder name {name}")
         names[name] = where
         specs.append(RunSpec(name, argv, chosen, config))
+    for model in sorted({s.config.model for s in specs}):
+        if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
+            raise GridError(f"model = {model!r}: no such folder (give a Hugging Face id or a model folder)")
     for spec in specs:
         _check_existing(spec, os.path.join(out, "runs", spec.name))
     return specs
@@ -472,6 +475,16 @@ def sweep_runs(path: str, finished_only: bool = False) -> list[str]:
     names = sorted(os.listdir(root)) if os.path.isdir(root) else []
     folders = [os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n, "config.json"))]
     return [f for f in folders if is_finished(f)] if finished_only else folders
+
+
+def sweep_axes(path: str) -> list[str]:
+    """The settings (RunConfig names) that the [grid] of a sweep folder's grid.toml varies."""
+    try:
+        _, grid = read_grid(os.path.join(path, "grid.toml"))
+    except GridError:
+        return []
+    _, options = _train_options()
+    return [options[k].dest if k in options else k for k in grid]
 
 
 def eval_run(folder: str, cfg_dict: dict, threads: int) -> dict:

@@ -97,6 +97,24 @@ def test_a_sweep_killed_mid_run_and_relaunched_ends_like_an_uninterrupted_one(fi
     assert games_csvs(out) == games_csvs(whole)
 
 
+def test_ray_retries_a_run_whose_worker_died_and_the_retry_resumes(finished_sweep, tmp_path, tiny_chat_model_dir):
+    grid, whole, _ = finished_sweep
+    text = open(TINY_GRID).read().replace('seed = [0, 1]', 'seed = [1]').replace('["game", "deont"]', '["deont"]')
+    one = write_grid(tmp_path / "one.toml", tiny_chat_model_dir, text)
+    out = tmp_path / "out"
+    proc = spawn(["sweep", one, "--out", str(out), "--no-progress"])
+    folder = out / "runs" / "deont-tft-seed1"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (folder / "checkpoints" / "ckpt-000002").is_dir():
+        time.sleep(0.02)
+    worker = json.load(open(folder / "progress.json"))["pid"]
+    os.kill(worker, signal.SIGKILL)  # the worker, not the sweep: Ray notices and runs the task again
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert json.load(open(folder / "progress.json"))["pid"] != worker
+    assert open(folder / "games.csv", "rb").read() == games_csvs(whole)["deont-tft-seed1"]
+
+
 def test_a_locked_run_turns_a_second_writer_away_and_a_dead_holder_does_not(tmp_path, tiny_chat_model_dir):
     folder = tmp_path / "run"
     proc = spawn(["--reward", "game", "--model", tiny_chat_model_dir, "--episodes", "2", "--lora-rank", "4",
@@ -151,6 +169,7 @@ BAD_GRIDS = [
     ("[grid]\nreward = ['game']\n[grids]\nseed = [0]\n", "unknown table(s) [grids]"),
     ("[grid\nseed = [0]\n", "not valid TOML"),
     ("[run]\nsave-every = 2\nsave_every = 3\n[grid]\nseed = [0]\n", "given twice"),
+    ("[run]\nmodel = '/no/such/model'\n[grid]\nseed = [0]\n", "'/no/such/model': no such folder"),
 ]
 
 

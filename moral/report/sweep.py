@@ -60,11 +60,9 @@ class Condition:
     runs: list
 
 
-def conditions(runs) -> list[Condition]:
-    """Group runs by every setting the sweep varied except the seed (reward and opponent always)."""
-    ignore = {"seed", "threads", "derived", "report_to", "device"}
-    varied = sorted({k for r in runs for k in r.config if k not in ignore
-                     and len({repr(o.config.get(k)) for o in runs}) > 1} - {"reward", "opponent"})
+def conditions(runs, axes: Sequence[str] = ()) -> list[Condition]:
+    """Group runs by reward, opponent and the sweep's other grid axes (settings' names), i.e. all but the seed."""
+    varied = [k for k in axes if k not in ("reward", "opponent", "seed")]
     groups: dict[tuple, Condition] = {}
     for run in runs:
         reward, opponent = str(run.config.get("reward")), str(run.config.get("opponent"))
@@ -127,7 +125,7 @@ def plot_conditions(panels: Sequence[tuple[str, Condition | None]], rows: int, c
                     window: int = SMOOTHING):
     """One panel per condition: each category's share per episode (trailing rolling mean of `window` episodes per
     run), mean over seeds with a 95% t-band; dashed lines where a reward schedule switches."""
-    fig = figures._new_figure((4.6 * cols, 3.4 * rows + 1.0))
+    fig = figures._new_figure((max(4.6 * cols, 8.0), 3.4 * rows + 1.0))
     grid = fig.subplots(rows, cols, squeeze=False, sharey=True)
     for ax, (name, cond) in zip(grid.ravel(), panels):
         if cond is None:
@@ -151,9 +149,9 @@ def plot_conditions(panels: Sequence[tuple[str, Condition | None]], rows: int, c
         for phase_episodes in _phase_lengths(cond.runs[0])[:-1]:
             start += phase_episodes
             ax.axvline(start, color="black", linestyle="--", linewidth=1.2)
-            ax.text(start, 101, " switch", fontsize=8, va="bottom")
+            ax.text(start, 97, " switch", fontsize=8, va="top")
         ax.set_xlim(0, max(length - 1, 1))
-        ax.set_ylim(0, 100)
+        ax.set_ylim(-2, 102)
         ax.set_title(f"{name}\n({len(cond.runs)} seed{'s' if len(cond.runs) != 1 else ''})", fontsize=10)
         ax.set_xlabel("episode")
         ax.grid(alpha=0.3)
@@ -175,14 +173,14 @@ def _phase_lengths(run) -> list[int]:
 def report_sweep(sweep_dir: str, out_dir: str, tokens: str | None = None) -> dict:
     """Write the sweep's tables and figures into `out_dir` (finished runs only; the message says how many were
     left out)."""
-    from moral.sweep import sweep_runs
+    from moral.sweep import sweep_axes, sweep_runs
     folders = sweep_runs(sweep_dir)
     finished = sweep_runs(sweep_dir, finished_only=True)
     if not finished:
         raise ValueError(f"{sweep_dir}: no finished run yet ({len(folders)} started)")
     result = report_runs(finished, out_dir, tokens=tokens)
     runs = load_runs(finished)
-    groups = conditions(runs)
+    groups = conditions(runs, sweep_axes(sweep_dir))
     result["tables"] += write_results(results_table(groups), out_dir)
     if figures.available():
         drawn = figures.Drawn(out_dir)

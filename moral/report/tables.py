@@ -56,12 +56,13 @@ def order_model_types(labels) -> list[str]:
     prompted = [REFERENCE_MODELS[k] for k in ("reference+deont", "reference+util")]
 
     def key(label):
-        base = label.split(" (vs ")[0]
+        base, _, opponent = label.partition(" (vs ")
+        versus = {"TFT)": 0, "LLM)": 1}.get(opponent, 2)  # vs TFT before LLM vs LLM, as in the paper's figures
         if base in MODEL_ORDER:
-            return (MODEL_ORDER.index(base), label)
+            return (MODEL_ORDER.index(base), versus, label)
         if label in prompted:
-            return (len(MODEL_ORDER) + 1 + prompted.index(label), label)
-        return (len(MODEL_ORDER), label)
+            return (len(MODEL_ORDER) + 1 + prompted.index(label), versus, label)
+        return (len(MODEL_ORDER), versus, label)
     return sorted(labels, key=key)
 
 
