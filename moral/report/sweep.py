@@ -144,7 +144,7 @@ def plot_conditions(panels: Sequence[tuple[str, Condition | None]], rows: int, c
                 band = [aggregate(series[:, t]) for t in range(length)]
                 lo = np.clip([b["ci95_low"] for b in band], 0, 1)
                 hi = np.clip([b["ci95_high"] for b in band], 0, 1)
-                ax.fill_between(x, 100 * lo, 100 * hi, color=LINE_COLOURS[cat], alpha=0.18, linewidth=0)
+                ax.fill_between(x, 100 * lo, 100 * hi, color=LINE_COLOURS[cat], alpha=0.07, linewidth=0)
         start = 0
         for phase_episodes in _phase_lengths(cond.runs[0])[:-1]:
             start += phase_episodes
