@@ -37,12 +37,16 @@ def usage_error(message: str) -> None:
 
 
 def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "is not a positive integer")
+
+
+def _int_at_least(text: str, minimum: int, says: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} {says}")
     return value
 
 
@@ -350,13 +354,7 @@ def nonnegative_float(text: str) -> float:
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
+    return _int_at_least(text, 0, "is negative")
 
 
 def sweep_parser(prog: str = PROG) -> argparse.ArgumentParser:
