@@ -30,7 +30,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from .config import RunConfig, UsageError
-from .runio import FolderLock, FolderLocked, read_json, write_json_atomic, write_text_atomic
+from .runio import FolderLock, FolderLocked, complete_checkpoints, read_json, write_json_atomic, write_text_atomic
 
 # Options a grid may not set: the sweep decides them for every run.
 RESERVED = {"out": "the sweep names each run's folder", "resume": "the sweep resumes unfinished runs itself",
@@ -334,6 +334,12 @@ def error_line(exc: BaseException) -> str:
     return f"{name}: {text[-1] if text else ''}".strip()
 
 
+def resume_episode(folder: str) -> int:
+    """The episode an unfinished run resumes from: its newest complete checkpoint's, else 0."""
+    done = complete_checkpoints(folder)
+    return int(os.path.basename(done[-1]).split("-")[1]) if done else 0
+
+
 def threads_for(cpus: float) -> int:
     return max(1, int(cpus))
 
@@ -352,6 +358,8 @@ class Sweep:
             self._read_progress(s.name)
             if is_finished(folder):
                 self.states[s.name].update(state="skipped", episode=s.episodes)
+            else:  # an unfinished run goes on from its last checkpoint, not from the episode it last reported
+                self.states[s.name]["episode"] = resume_episode(folder)
 
     def _read_progress(self, name: str) -> None:
         path = os.path.join(run_folder(self.out, name), "progress.json")

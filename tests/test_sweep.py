@@ -16,7 +16,7 @@ import pytest
 
 from moral import cli
 from moral.runio import FolderLock
-from moral.sweep import GridError, plan
+from moral.sweep import GridError, Sweep, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_GRID = os.path.join(ROOT, "tests", "grids", "tiny.toml")
@@ -202,6 +202,20 @@ def test_grid_keys_spelled_as_options_or_with_underscores_and_names_from_setting
     assert [s.name for s in specs] == ["game2_deont2-llm-lora-rank2-seed3", "game2_deont2-llm-lora-rank4-seed3"]
     assert all(s.config.steps == 2 and s.config.reset_at_switch and s.episodes == 4 for s in specs)
     assert [s.config.lora_rank for s in specs] == [2, 4]
+
+
+def test_an_unfinished_run_counts_from_its_last_checkpoint_not_its_last_report(tmp_path, tiny_chat_model_dir):
+    specs = plan(write_grid(tmp_path / "g.toml", tiny_chat_model_dir), str(tmp_path / "out"))
+    for name, checkpoints in (("deont-tft-seed0", ["ckpt-000002", "ckpt-000004", "ckpt-000006.tmp-99"]),
+                              ("deont-tft-seed1", [])):
+        folder = tmp_path / "out" / "runs" / name
+        (folder / "checkpoints").mkdir(parents=True)
+        for c in checkpoints:
+            (folder / "checkpoints" / c).mkdir()
+        (folder / "progress.json").write_text(json.dumps({"episode": 7, "episodes": 8, "wall_s": 1.0}))
+    states = Sweep(specs, str(tmp_path / "out"), str(tmp_path / "g.toml")).states
+    assert states["deont-tft-seed0"]["episode"] == 4  # the half-written checkpoint of episode 6 does not count
+    assert states["deont-tft-seed1"]["episode"] == 0
 
 
 def test_a_run_folder_started_with_other_settings_is_refused(finished_sweep, tmp_path):
