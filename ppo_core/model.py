@@ -179,6 +179,8 @@ class PolicyModel(nn.Module):
         # autocast. The value head stays fp32.
         self.compute_dtype = compute_dtype or torch.float32
         self._autocast = self.compute_dtype in (torch.bfloat16, torch.float16)
+        from peft.tuners.lora import LoraLayer
+        self._lora_layers = [m for m in self.lm.modules() if isinstance(m, LoraLayer)]
         self._cast_holders: set = set()
         self._tree_supported: bool | None = None
         self.use_prompt_tree = True
@@ -321,7 +323,20 @@ class PolicyModel(nn.Module):
     def _compute_context(self):
         if not self._autocast:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return self._autocast_context()
+
+    @contextlib.contextmanager
+    def _autocast_context(self):
+        # Under autocast peft's cast of each LoRA input to the fp32 of the LoRA weights is undone by autocast's cast
+        # to the compute dtype (a round trip that changes no value): skip both copies, forward and backward.
+        for m in self._lora_layers:
+            m.cast_input_dtype_enabled = False
+        try:
+            with torch.autocast(self.device.type, dtype=self.compute_dtype):
+                yield
+        finally:
+            for m in self._lora_layers:
+                m.cast_input_dtype_enabled = True
 
     # Autocast casts the fp32 LoRA weights to the compute dtype in every forward call, and a graph kept for a later
     # backward keeps each call's copy (Gemma-2-2b, r=64: 83.1 M LoRA parameters x 2 bytes = 166 MB a call, counted by

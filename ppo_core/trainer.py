@@ -42,7 +42,9 @@ class PPOTrainer:
         self.adapter = adapter or policy.adapter_names[0]
         self.pad_token_id = pad_token_id
         self.params = policy.trainable_parameters(self.adapter)
-        self.optimizer = torch.optim.Adam(self.params, lr=config.learning_rate, eps=config.adam_eps)
+        # One fused kernel over all tensors (CPU and CUDA); the per-tensor loop agrees to float32 rounding.
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in self.params)
+        self.optimizer = torch.optim.Adam(self.params, lr=config.learning_rate, eps=config.adam_eps, fused=fused)
         self.kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
                        if config.adap_kl_ctrl else FixedKLController(config.init_kl_coef))
         self.score_moments = RunningMoments()

@@ -359,6 +359,30 @@ def test_shared_casts_keep_bf16_gradients_as_accurate():
         assert 0 < per_call < 0.1 and shared <= 1.02 * per_call
 
 
+def test_skipping_peft_input_casts_under_autocast_changes_no_value():
+    """With bf16 base weights (as the job loads them on a bf16 CPU) peft casts each LoRA input to fp32 and autocast
+    casts it straight back; the policy skips both. Hidden states and every LoRA gradient are bitwise those of peft's
+    own path, and the casts are back on outside the policy's passes."""
+    def pass_(skip: bool):
+        policy = bf16_policy()
+        policy.lm.get_base_model().to(torch.bfloat16)  # the base only; LoRA factors and the value head stay fp32
+        for p in policy.trainable_parameters("agent"):
+            p.data = p.data.float()
+        ids = torch.tensor([[5, 9, 11, 3, 7, 2]])
+        if skip:
+            hidden, _ = policy.hidden_states(ids)
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                hidden = policy._backbone(input_ids=ids).last_hidden_state
+        hidden.float().pow(2).sum().backward()
+        assert all(m.cast_input_dtype_enabled for m in policy._lora_layers)
+        return hidden, [p.grad for p in policy.trainable_parameters("agent")[:-2]]
+
+    (h_skip, g_skip), (h_peft, g_peft) = pass_(True), pass_(False)
+    assert h_skip.dtype == torch.bfloat16 and torch.equal(h_skip, h_peft)
+    assert len(g_skip) > 0 and all(a is not None and torch.equal(a, b) for a, b in zip(g_skip, g_peft))
+
+
 def test_held_casts_never_serve_weights_from_before_a_step():
     """Two learners on one base: the agent steps while the opponent's rollout still holds casts; the agent's
     next rollout must use its new weights (a stale bf16 copy would give the old log-probs)."""
