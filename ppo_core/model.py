@@ -260,24 +260,49 @@ class PolicyModel(nn.Module):
         layer_types = getattr(text, "layer_types", None) or ()
         return window if window and "sliding_attention" in layer_types else None
 
-    def attention_mask_4d(self, visible: torch.Tensor) -> torch.Tensor:
-        """[Q, K] bool (True = may attend) -> the [1, 1, Q, K] mask this model's attention takes: boolean for SDPA,
-        additive float (0 or the most negative float) for eager attention."""
-        if self.config._attn_implementation == "sdpa":
+    def attention_mask_4d(self, visible: torch.Tensor, implementation: str | None = None) -> torch.Tensor:
+        """[Q, K] bool (True = may attend) -> the [1, 1, Q, K] mask the attention `implementation` (default: the
+        model's) takes: boolean for SDPA, additive float (0 or the most negative float) for eager attention."""
+        if (implementation or self.config._attn_implementation) == "sdpa":
             return visible[None, None]
         return torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, torch.finfo(torch.float32).min)[
             None, None]
 
-    def packed_hidden_states(self, input_ids: torch.Tensor, masks: dict[str, torch.Tensor],
+    EAGER_PAIRS_CPU = 2 ** 18
+    """On the CPU a pass with gradients whose attention scores at most this many (query, key) pairs runs eager
+    attention instead of SDPA: PyTorch's CPU flash-attention backward with a mask is the slower one there (the
+    main job's episode, 443 tokens in three passes: 3.03 s -> 2.65 s), while SDPA wins on large trees
+    (990 tokens in one pass: 4.5 s vs 4.8 s) and without gradients (3,080 tokens: 9 s vs 24 s)."""
+
+    def attention_for(self, queries: int, keys: int) -> str:
+        """The attention implementation a pass of `queries` new tokens over `keys` keys runs with."""
+        implementation = self.config.get_text_config()._attn_implementation
+        if implementation == "sdpa" and self.device.type == "cpu" and torch.is_grad_enabled() \
+                and queries * keys <= self.EAGER_PAIRS_CPU:
+            return "eager"
+        return implementation
+
+    def packed_hidden_states(self, input_ids: torch.Tensor, visible: dict[str, torch.Tensor],
                              position_ids: torch.Tensor, cache=None) -> torch.Tensor:
-        """Final hidden states of a packed tree pass. input_ids, position_ids [1, T]; masks {"full_attention",
-        optional "sliding_attention"} of [1, 1, T, cached + T]; cache: a DynamicCache to attend to and extend."""
+        """Final hidden states of a packed tree pass. input_ids, position_ids [1, T]; visible {"full_attention",
+        optional "sliding_attention"}: [T, cached + T] bool, True where a token may attend; cache: a DynamicCache to
+        attend to and extend."""
+        implementation = self.attention_for(*visible["full_attention"].shape)
+        masks = {kind: self.attention_mask_4d(m, implementation) for kind, m in visible.items()}
         mask = masks if "sliding_attention" in masks else masks["full_attention"]
         self.backbone_tokens += input_ids.numel()
+        config = self.config.get_text_config()
+        chosen = config._attn_implementation
         with self._compute_context():
-            out = self._backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                 use_cache=cache is not None, **({self._cache_kwarg: cache} if cache is not None
-                                                                 else {}))
+            try:
+                if implementation != chosen:
+                    config._attn_implementation = implementation  # read by every attention layer at call time
+                out = self._backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                     use_cache=cache is not None,
+                                     **({self._cache_kwarg: cache} if cache is not None else {}))
+            finally:
+                if implementation != chosen:
+                    config._attn_implementation = chosen
         return out.last_hidden_state
 
     @property

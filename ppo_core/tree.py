@@ -96,7 +96,7 @@ class PromptTree:
         window = self.policy.sliding_window
         if window is not None:
             masks["sliding_attention"] = visible & (depth[lo:hi, None] - depth[None, :] < window)
-        masks = {kind: self.policy.attention_mask_4d(torch.from_numpy(m).to(device)) for kind, m in masks.items()}
+        masks = {kind: torch.from_numpy(m).to(device) for kind, m in masks.items()}
         if self.keep_cache and self.cache is None:
             from transformers import DynamicCache
             self.cache = DynamicCache()  # full-length layers: sliding windows are in the mask, never in the cache

@@ -28,8 +28,10 @@ def make_policy(arch: str, attn: str, seed: int = 0) -> PolicyModel:
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     config = tiny_gemma2_config() if arch == "gemma2" else tiny_llama_config()
-    lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn.removesuffix("-only")).eval()
     policy = PolicyModel(lm, adapters=("agent",), lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    if attn == "sdpa-only":  # small packed passes with gradients keep SDPA instead of switching to eager
+        policy.EAGER_PAIRS_CPU = 0
     with torch.no_grad():  # LoRA B starts at zero: make the adapters matter
         for p in policy.trainable_parameters("agent"):
             p.normal_(0, 0.05)
@@ -51,7 +53,8 @@ CASES = {  # (queries, responses of 1 or 2 tokens)
     "identical": [BASE, BASE.clone()],
     "prefix of another": [BASE, BASE[:9]],
 }
-ARCHS = [("llama", "eager"), ("llama", "sdpa"), ("gemma2", "eager")]  # Gemma-2 has no SDPA in transformers
+ARCHS = [("llama", "eager"), ("llama", "sdpa"), ("llama", "sdpa-only"),
+         ("gemma2", "eager")]  # Gemma-2 has no SDPA in transformers
 
 
 @pytest.mark.parametrize("answer", [1, 2], ids=["one-token", "two-token"])
@@ -165,9 +168,27 @@ def test_tree_and_padded_updates_agree_fused_and_recomputed():
         assert stats["ppo/tokens_computed"] < stats_p["ppo/tokens_computed"]  # the padded path pays for padding
 
 
+def test_small_packed_passes_with_gradients_run_eager_attention_on_the_cpu():
+    """An SDPA model runs a packed pass with gradients of at most EAGER_PAIRS_CPU (query, key) pairs with eager
+    attention, and every other pass with SDPA; the model's own setting is back after each pass."""
+    policy = make_policy("llama", "sdpa")
+    seen = []
+    layer = policy.lm.get_base_model().model.layers[0].self_attn
+    layer.register_forward_pre_hook(lambda module, args: seen.append(module.config._attn_implementation))
+    assert policy.attention_for(20, 40) == "eager" and policy.attention_for(600, 600) == "sdpa"
+    with torch.no_grad():
+        assert policy.attention_for(20, 40) == "sdpa"
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            tree = PromptTree(policy, keep_cache=False)
+            tree.insert(BASE.tolist())
+            tree.compute()
+    assert seen == ["eager", "sdpa"] and policy.config._attn_implementation == "sdpa"
+
+
 def test_a_model_that_cannot_take_the_mask_falls_back_with_one_warning(monkeypatch):
     policy = tiny_policy(0)
-    monkeypatch.setattr(PolicyModel, "attention_mask_4d", lambda self, visible: None)  # the mask gets lost
+    monkeypatch.setattr(PolicyModel, "attention_mask_4d", lambda self, visible, implementation=None: None)  # the mask gets lost
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert policy.tree_supported is False and policy.tree_supported is False
