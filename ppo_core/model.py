@@ -111,6 +111,34 @@ class ValueHead(nn.Module):
             return self.summary(self.dropout(hidden.to(self.summary.weight.dtype))).squeeze(-1)
 
 
+# ------------------------------------------------------------------------------------------------ lean LoRA
+def lean_lora_forward(layer) -> None:
+    """Give a peft LoRA layer on a plain nn.Linear a leaner forward for the common case (one active vanilla adapter,
+    not merged, no LoRA bias, no extra arguments): base(x) + scaling * B(A(dropout(x))) with the scaling folded into
+    the sum (one op instead of two, forward and backward, in each of the model's LoRA layers). Any other case
+    (adapters disabled, i.e. the reference policy; merged weights; several adapters at once; variants such as DoRA)
+    goes to peft's own forward, and quantised base layers (other classes) keep it."""
+    import types
+
+    from peft.tuners.lora import Linear
+
+    if type(layer) is Linear and isinstance(layer.base_layer, nn.Linear):
+        layer.forward = types.MethodType(_lean_lora_forward, layer)
+
+
+def _lean_lora_forward(self, x, *args, **kwargs):
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if args or kwargs or name is None or self.disable_adapters or self.merged or name not in self.lora_A \
+            or name in self.lora_variant or self.lora_B[name].bias is not None \
+            or (x.dtype != self.lora_A[name].weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+        return type(self).forward(self, x, *args, **kwargs)  # peft's own
+    result = self.base_layer(x)
+    lora = nn.functional.linear(nn.functional.linear(self.lora_dropout[name](x), self.lora_A[name].weight),
+                                self.lora_B[name].weight)
+    return torch.add(result, lora, alpha=self.scaling[name])
+
+
 # -------------------------------------------------------------------------------------------------- policy
 @dataclass(frozen=True)
 class LoraSettings:
@@ -181,6 +209,8 @@ class PolicyModel(nn.Module):
         self._autocast = self.compute_dtype in (torch.bfloat16, torch.float16)
         from peft.tuners.lora import LoraLayer
         self._lora_layers = [m for m in self.lm.modules() if isinstance(m, LoraLayer)]
+        for m in self._lora_layers:
+            lean_lora_forward(m)
         self._cast_holders: set = set()
         self._tree_supported: bool | None = None
         self.use_prompt_tree = True
@@ -269,16 +299,16 @@ class PolicyModel(nn.Module):
             None, None]
 
     EAGER_PAIRS_CPU = 2 ** 18
-    """On the CPU a pass with gradients whose attention scores at most this many (query, key) pairs runs eager
-    attention instead of SDPA: PyTorch's CPU flash-attention backward with a mask is the slower one there (the
-    main job's episode, 443 tokens in three passes: 3.03 s -> 2.65 s), while SDPA wins on large trees
-    (990 tokens in one pass: 4.5 s vs 4.8 s) and without gradients (3,080 tokens: 9 s vs 24 s)."""
+    """On the CPU a packed pass whose attention scores at most this many (query, key) pairs runs eager attention
+    instead of SDPA: there PyTorch's flash-attention backward with a mask is the slower one at these sizes (the main
+    job's episode, 443 tokens in three passes: 3.03 s -> 2.65 s), while SDPA wins on large trees (990 tokens in one
+    pass with gradients: 4.5 s vs 4.8 s; 3,080 tokens without: 9 s vs 24 s). The choice depends on the sizes only,
+    so the same pass with and without gradients computes the same numbers (a first PPO epoch's ratio stays 1)."""
 
     def attention_for(self, queries: int, keys: int) -> str:
-        """The attention implementation a pass of `queries` new tokens over `keys` keys runs with."""
+        """The attention implementation a packed pass of `queries` new tokens over `keys` keys runs with."""
         implementation = self.config.get_text_config()._attn_implementation
-        if implementation == "sdpa" and self.device.type == "cpu" and torch.is_grad_enabled() \
-                and queries * keys <= self.EAGER_PAIRS_CPU:
+        if implementation == "sdpa" and self.device.type == "cpu" and queries * keys <= self.EAGER_PAIRS_CPU:
             return "eager"
         return implementation
 

@@ -116,3 +116,54 @@ def test_device_dtype_rules():
         load_causal_lm("unused", quantize="2bit")
     with pytest.raises(ValueError, match="adapter 'nope'"):
         tiny_policy(0).set_adapter("nope")
+
+
+def test_lean_lora_forward_matches_peft_and_leaves_the_rest_to_it():
+    """The lean forward of every LoRA layer (ppo_core.model.lean_lora_forward) gives peft's hidden states and LoRA
+    gradients (fp32, atol 1e-6, rtol 1e-5) for each of two adapters; with the adapters disabled (the reference)
+    and with a LoRA bias, peft's own forward runs."""
+    from peft.tuners.lora import Linear
+
+    def run(lean: bool, adapter: str):
+        policy = tiny_policy(0, adapters=("agent", "opponent"))
+        with torch.no_grad():  # LoRA B starts at zero: make the adapters matter
+            for name in policy.adapter_names:
+                for p in policy.trainable_parameters(name):
+                    p.normal_(0, 0.05)
+        if not lean:
+            for m in policy._lora_layers:
+                del m.forward  # back to the class's (peft's) forward
+        ids = torch.tensor([[5, 9, 11, 3, 7, 2]])
+        with policy.adapter(adapter):
+            hidden, _ = policy.hidden_states(ids)
+        hidden.pow(2).sum().backward()
+        with torch.no_grad(), policy.reference():
+            reference, _ = policy.hidden_states(ids)
+        grads = [p.grad for p in policy.trainable_parameters(adapter)[:-2]]
+        return hidden, grads, reference
+
+    for adapter in ("agent", "opponent"):
+        (h, g, ref), (h_peft, g_peft, ref_peft) = run(True, adapter), run(False, adapter)
+        assert torch.allclose(h, h_peft, atol=1e-6, rtol=1e-5) and torch.equal(ref, ref_peft)
+        assert len(g) > 0 and all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(g, g_peft))
+        assert not torch.allclose(h, ref, atol=1e-3)  # the adapter matters
+
+    policy = tiny_policy(0)
+    layer = policy._lora_layers[0]
+    assert type(layer) is Linear and "forward" in vars(layer)  # the lean forward is installed
+    calls = []
+    original = Linear.forward
+    try:
+        Linear.forward = lambda self, x, *a, **k: calls.append(1) or original(self, x, *a, **k)
+        with torch.no_grad():
+            with policy.reference():
+                policy.hidden_states(torch.tensor([[5, 9, 11]]))
+            assert len(calls) == len(policy._lora_layers)  # the reference: peft's forward in every layer
+            calls.clear()
+            policy.hidden_states(torch.tensor([[5, 9, 11]]))
+            assert calls == []
+            layer.lora_B["agent"].bias = torch.nn.Parameter(torch.zeros(layer.out_features))
+            policy.hidden_states(torch.tensor([[5, 9, 11]]))
+            assert calls == [1]  # a LoRA bias: peft's forward in that layer only
+    finally:
+        Linear.forward = original

@@ -168,22 +168,24 @@ def test_tree_and_padded_updates_agree_fused_and_recomputed():
         assert stats["ppo/tokens_computed"] < stats_p["ppo/tokens_computed"]  # the padded path pays for padding
 
 
-def test_small_packed_passes_with_gradients_run_eager_attention_on_the_cpu():
-    """An SDPA model runs a packed pass with gradients of at most EAGER_PAIRS_CPU (query, key) pairs with eager
-    attention, and every other pass with SDPA; the model's own setting is back after each pass."""
+def test_small_packed_passes_run_eager_attention_on_the_cpu():
+    """An SDPA model runs a packed pass of at most EAGER_PAIRS_CPU (query, key) pairs with eager attention, with
+    and without gradients, and larger ones with SDPA; the model's own setting is back after each pass."""
     policy = make_policy("llama", "sdpa")
     seen = []
     layer = policy.lm.get_base_model().model.layers[0].self_attn
     layer.register_forward_pre_hook(lambda module, args: seen.append(module.config._attn_implementation))
     assert policy.attention_for(20, 40) == "eager" and policy.attention_for(600, 600) == "sdpa"
-    with torch.no_grad():
-        assert policy.attention_for(20, 40) == "sdpa"
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
             tree = PromptTree(policy, keep_cache=False)
             tree.insert(BASE.tolist())
             tree.compute()
-    assert seen == ["eager", "sdpa"] and policy.config._attn_implementation == "sdpa"
+    policy.EAGER_PAIRS_CPU = 10
+    tree = PromptTree(policy, keep_cache=False)
+    tree.insert(BASE.tolist())
+    tree.compute()
+    assert seen == ["eager", "eager", "sdpa"] and policy.config._attn_implementation == "sdpa"
 
 
 def test_a_model_that_cannot_take_the_mask_falls_back_with_one_warning(monkeypatch):
