@@ -111,34 +111,6 @@ class ValueHead(nn.Module):
             return self.summary(self.dropout(hidden.to(self.summary.weight.dtype))).squeeze(-1)
 
 
-# ------------------------------------------------------------------------------------------------ lean LoRA
-def lean_lora_forward(layer) -> None:
-    """Give a peft LoRA layer on a plain nn.Linear a leaner forward for the common case (one active vanilla adapter,
-    not merged, no LoRA bias, no extra arguments): base(x) + scaling * B(A(dropout(x))) with the scaling folded into
-    the sum (one op instead of two, forward and backward, in each of the model's LoRA layers). Any other case
-    (adapters disabled, i.e. the reference policy; merged weights; several adapters at once; variants such as DoRA)
-    goes to peft's own forward, and quantised base layers (other classes) keep it."""
-    import types
-
-    from peft.tuners.lora import Linear
-
-    if type(layer) is Linear and isinstance(layer.base_layer, nn.Linear):
-        layer.forward = types.MethodType(_lean_lora_forward, layer)
-
-
-def _lean_lora_forward(self, x, *args, **kwargs):
-    active = self.active_adapters
-    name = active[0] if len(active) == 1 else None
-    if args or kwargs or name is None or self.disable_adapters or self.merged or name not in self.lora_A \
-            or name in self.lora_variant or self.lora_B[name].bias is not None \
-            or (x.dtype != self.lora_A[name].weight.dtype and not torch.is_autocast_enabled(x.device.type)):
-        return type(self).forward(self, x, *args, **kwargs)  # peft's own
-    result = self.base_layer(x)
-    lora = nn.functional.linear(nn.functional.linear(self.lora_dropout[name](x), self.lora_A[name].weight),
-                                self.lora_B[name].weight)
-    return torch.add(result, lora, alpha=self.scaling[name])
-
-
 # -------------------------------------------------------------------------------------------------- policy
 @dataclass(frozen=True)
 class LoraSettings:
@@ -209,8 +181,6 @@ class PolicyModel(nn.Module):
         self._autocast = self.compute_dtype in (torch.bfloat16, torch.float16)
         from peft.tuners.lora import LoraLayer
         self._lora_layers = [m for m in self.lm.modules() if isinstance(m, LoraLayer)]
-        for m in self._lora_layers:
-            lean_lora_forward(m)
         self._cast_holders: set = set()
         self._tree_supported: bool | None = None
         self.use_prompt_tree = True
