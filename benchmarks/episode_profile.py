@@ -15,36 +15,43 @@ import tempfile
 import time
 
 
-def main() -> None:
-    from torch.profiler import ProfilerActivity, profile
-
+def recorded_episode(folder: str):
+    """A fresh main-job run in `folder` after two warm-up episodes, and a function that replays its third episode's
+    five sampling calls and PPO step (same prompts each time) and returns the step's statistics."""
     from moral.config import RunConfig
     from moral.finetune import FineTuning
 
+    run = FineTuning(RunConfig(episodes=10).resolve(), f"{folder}/run", progress=False)
+    trainer = run.trainers["agent"]
+    for _ in range(2):
+        run.run_episode()
+    calls, generate = [], trainer.generate
+
+    def record(queries, **kwargs):
+        calls.append((queries, kwargs))
+        return generate(queries, **kwargs)
+
+    trainer.generate = record
+    run.run_episode()
+    trainer.generate = generate
+
+    def replay() -> dict:
+        queries, responses = [], []
+        for q, kwargs in calls:
+            queries += q
+            responses += trainer.generate(q, **kwargs).responses
+        return trainer.step(queries, responses, [float((-1) ** i * (i % 3)) for i in range(len(queries))])
+
+    return run, replay
+
+
+def main() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
     folder = tempfile.mkdtemp(prefix="episode-profile-")
     try:
-        run = FineTuning(RunConfig(episodes=10).resolve(), f"{folder}/run", progress=False)
-        trainer, rank = run.trainers["agent"], run.config.lora_rank
-        vocab = run.policy.config.get_text_config().vocab_size
-        for _ in range(2):
-            run.run_episode()
-        calls, generate = [], trainer.generate
-
-        def record(queries, **kwargs):
-            calls.append((queries, kwargs))
-            return generate(queries, **kwargs)
-
-        trainer.generate = record
-        run.run_episode()
-        trainer.generate = generate
-
-        def replay() -> dict:
-            queries, responses = [], []
-            for q, kwargs in calls:
-                queries += q
-                responses += trainer.generate(q, **kwargs).responses
-            return trainer.step(queries, responses, [float((-1) ** i * (i % 3)) for i in range(len(queries))])
-
+        run, replay = recorded_episode(folder)
+        rank, vocab = run.config.lora_rank, run.policy.config.get_text_config().vocab_size
         replay()
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             start = time.perf_counter()

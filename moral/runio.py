@@ -179,6 +179,11 @@ def checkpoint_name(episode: int) -> str:
     return f"ckpt-{episode:06d}"
 
 
+def checkpoint_episode(path: str) -> int:
+    """The episode a checkpoint folder (named by checkpoint_name) was saved after."""
+    return int(os.path.basename(path).removeprefix("ckpt-"))
+
+
 def complete_checkpoints(folder: str) -> list[str]:
     """Checkpoint folders of a run, oldest first (half-written ones, still named *.tmp-PID, excluded)."""
     ckpt_dir = os.path.join(folder, "checkpoints")

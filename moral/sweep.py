@@ -30,7 +30,8 @@ import tomllib
 from dataclasses import dataclass, field
 
 from .config import RunConfig, UsageError
-from .runio import FolderLock, FolderLocked, complete_checkpoints, read_json, write_json_atomic, write_text_atomic
+from .runio import FolderLock, FolderLocked, checkpoint_episode, complete_checkpoints, read_json, write_json_atomic, \
+    write_text_atomic
 
 # Options a grid may not set: the sweep decides them for every run.
 RESERVED = {"out": "the sweep names each run's folder", "resume": "the sweep resumes unfinished runs itself",
@@ -337,7 +338,7 @@ def error_line(exc: BaseException) -> str:
 def resume_episode(folder: str) -> int:
     """The episode an unfinished run resumes from: its newest complete checkpoint's, else 0."""
     done = complete_checkpoints(folder)
-    return int(os.path.basename(done[-1]).split("-")[1]) if done else 0
+    return checkpoint_episode(done[-1]) if done else 0
 
 
 def threads_for(cpus: float) -> int:

@@ -270,10 +270,11 @@ class PolicyModel(nn.Module):
 
     EAGER_PAIRS_CPU = 2 ** 18
     """On the CPU a packed pass whose attention scores at most this many (query, key) pairs runs eager attention
-    instead of SDPA: there PyTorch's flash-attention backward with a mask is the slower one at these sizes (the main
-    job's episode, 443 tokens in three passes: 3.03 s -> 2.65 s), while SDPA wins on large trees (990 tokens in one
-    pass with gradients: 4.5 s vs 4.8 s; 3,080 tokens without: 9 s vs 24 s). The choice depends on the sizes only,
-    so the same pass with and without gradients computes the same numbers (a first PPO epoch's ratio stays 1)."""
+    instead of SDPA, whose masked flash-attention backward is the slower one there at these sizes; SDPA stays for
+    larger passes (`python -m benchmarks.cpu_shortcuts` on the 2-core EPYC: the main job's replayed episode 2.27 s with
+    this rule vs 2.43 s with SDPA only; one pass of 230 tokens with backward 0.93 vs 1.12 s, 990 tokens 6.0 vs 5.0 s,
+    3,080 tokens forward only 18.4 vs 9.1 s). The choice depends on the sizes only, so the same pass with and without
+    gradients computes the same numbers (a first PPO epoch's ratio stays 1)."""
 
     def attention_for(self, queries: int, keys: int) -> str:
         """The attention implementation a packed pass of `queries` new tokens over `keys` keys runs with."""

@@ -116,4 +116,3 @@ def test_device_dtype_rules():
         load_causal_lm("unused", quantize="2bit")
     with pytest.raises(ValueError, match="adapter 'nope'"):
         tiny_policy(0).set_adapter("nope")
-

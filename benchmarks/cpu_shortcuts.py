@@ -1,0 +1,99 @@
+"""The measurements behind two CPU-path choices of ppo_core, on the embedded model:
+
+    python -m benchmarks.cpu_shortcuts        (about 4 minutes; run it on an idle machine)
+
+1. Attention of packed passes (`PolicyModel.EAGER_PAIRS_CPU`): one recorded main-job episode replayed with the size
+   rule (eager attention up to 2^18 query-key pairs) and with SDPA for every pass, alternating, medians of 5; then
+   single tree passes of N tokens (a shared 40-token prefix and 190-token branches), forward + backward and
+   forward only, eager vs SDPA, medians of 3.
+2. Adam over the job's LoRA factor shapes (SmolLM2-135M, r=64, 420 tensors, 19.5 M parameters): PyTorch's per-tensor
+   loop vs its fused kernel, mean of 10 steps.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def median_s(fn, n: int) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def attention() -> None:
+    from benchmarks.episode_profile import recorded_episode
+    from ppo_core.tree import PromptTree
+
+    folder = tempfile.mkdtemp(prefix="cpu-shortcuts-")
+    try:
+        run, replay = recorded_episode(folder)
+        policy = run.policy
+        rule = policy.EAGER_PAIRS_CPU
+        times = {"size rule": [], "SDPA only": []}
+        for _ in range(5):
+            for name, pairs in (("size rule", rule), ("SDPA only", 0)):
+                policy.EAGER_PAIRS_CPU = pairs
+                start = time.perf_counter()
+                stats = replay()
+                times[name].append(time.perf_counter() - start)
+        print(f"replayed main-job episode ({stats['ppo/tokens_computed']:.0f} tokens), median of 5:")
+        for name, t in times.items():
+            print(f"  {name:<10} {statistics.median(t):.2f} s")
+        run.logs.close()
+
+        g = torch.Generator().manual_seed(0)
+        prefix = torch.randint(100, 1000, (40,), generator=g).tolist()
+        branches = [prefix + torch.randint(100, 1000, (190,), generator=g).tolist() for _ in range(16)]
+
+        def tree_pass(n: int, grad: bool) -> None:
+            with torch.set_grad_enabled(grad):
+                tree = PromptTree(policy, keep_cache=False)
+                ends = [tree.insert(s)[-1] for s in branches[:n]]
+                tree.compute()
+                if grad:
+                    policy.values(tree.hidden(ends)).sum().backward()
+
+        print("one packed tree pass, median of 3:")
+        for n, grad in ((1, True), (2, True), (5, True), (16, False)):
+            row = []
+            for name, pairs in (("eager", 2 ** 40), ("SDPA", 0)):
+                policy.EAGER_PAIRS_CPU = pairs
+                row.append(f"{name} {median_s(lambda: tree_pass(n, grad), 3):.2f} s")
+            what = "forward + backward" if grad else "forward only"
+            print(f"  {40 + 190 * n:>5} tokens, {what:<18}: " + ", ".join(row))
+        policy.EAGER_PAIRS_CPU = rule
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def adam() -> None:
+    shapes = []
+    for _ in range(30):  # SmolLM2-135M: q, k, v, o, gate, up, down
+        for fan_in, fan_out in ((576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)):
+            shapes += [(64, fan_in), (fan_out, 64)]
+    print(f"Adam over {len(shapes)} LoRA tensors ({sum(a * b for a, b in shapes) / 1e6:.1f} M parameters), mean of 10:")
+    for name, kwargs in (("per-tensor loop", {}), ("fused", {"fused": True})):
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer = torch.optim.Adam(params, lr=1e-5, **kwargs)
+        optimizer.step()
+        start = time.perf_counter()
+        for _ in range(10):
+            optimizer.step()
+        print(f"  {name:<16} {(time.perf_counter() - start) / 10 * 1e3:.0f} ms")
+
+
+if __name__ == "__main__":
+    attention()
+    adam()
