@@ -256,3 +256,26 @@ def test_eval_and_report_take_the_sweep_folder(finished_sweep, tmp_path):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     table = open(out / "sweep_results.csv").read()
     assert "Deontological" in table and "Game payoffs" in table
+
+
+def test_the_engine_starts_jobs_in_the_order_given_never_more_than_it_has_slots_for():
+    from moral.sweep import Engine
+
+    def job(i):
+        start = time.time()
+        time.sleep(0.2)
+        return i, start, time.time()
+
+    engine = Engine(None, cpus=1.0, gpus=0.0, retries=0)
+    try:
+        slots = engine.slots()
+        jobs = list(range(3 * slots + 1))
+        done = [item for finished in engine.run_in_order(job, jobs, lambda i: (i,), 0.05) for item in finished]
+    finally:
+        engine.close()
+    assert sorted(j for j, _, _ in done) == jobs and all(error is None for _, _, error in done)
+    spans = sorted(value for _, value, _ in done)
+    starts = [start for _, start, _ in spans]
+    assert starts == sorted(starts)  # job i started no later than job i + 1
+    for _, start, _ in spans:
+        assert sum(s <= start < e for _, s, e in spans) <= slots
