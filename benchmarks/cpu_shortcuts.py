@@ -1,6 +1,6 @@
 """The measurements behind two CPU-path choices of ppo_core, on the embedded model:
 
-    python -m benchmarks.cpu_shortcuts        (about 4 minutes; run it on an idle machine)
+    python -m benchmarks.cpu_shortcuts        (about 5 minutes; run it on an idle machine)
 
 1. Attention of packed passes (`PolicyModel.EAGER_PAIRS_CPU`): one recorded main-job episode replayed with the size
    rule (eager attention up to 2^18 query-key pairs) and with SDPA for every pass, alternating, medians of 5; then
@@ -8,6 +8,10 @@
    forward only, eager vs SDPA, medians of 3.
 2. Adam over the job's LoRA factor shapes (SmolLM2-135M, r=64, 420 tensors, 19.5 M parameters): PyTorch's per-tensor
    loop vs its fused kernel, mean of 10 steps.
+3. Accuracy of the attention choice in bf16: P(answer) for the 16 training prompts x 2 answers (base model, one
+   prompt per pass as in an episode's first sampling call) with eager attention and with SDPA, each against fp32
+   SDPA. Eager attention rounds the attention scores to bf16 before the softmax, SDPA does not; the question is
+   whether that makes the shortcut less accurate.
 """
 
 from __future__ import annotations
@@ -94,6 +98,41 @@ def adam() -> None:
         print(f"  {name:<16} {(time.perf_counter() - start) / 10 * 1e3:.0f} ms")
 
 
+def attention_accuracy() -> None:
+    import itertools
+
+    from transformers import AutoTokenizer
+
+    from games import GAMES, C, D, get_tokens, structured_prompt
+    from moral.agent import Codec
+    from moral.embedded import ensure_embedded_model
+    from ppo_core import LoraSettings, PolicyModel, load_causal_lm
+
+    path = ensure_embedded_model()
+    tokens = get_tokens("action12")
+    codec = Codec(AutoTokenizer.from_pretrained(path), tokens, "prefix")
+    pair = (tokens.c, tokens.d)
+    queries = [codec.query(structured_prompt(GAMES["IPD"], tokens, own, other, first, second))
+               for own, other in itertools.product((C, D), (C, D))
+               for first in (pair, pair[::-1]) for second in (pair, pair[::-1])]
+    answers = [torch.tensor(ids[len(codec.plan.prefix_ids):]) for ids in codec.plan.action_ids]
+
+    @torch.no_grad()
+    def probabilities(dtype, eager_pairs):  # (16, 2) float64
+        policy = PolicyModel(load_causal_lm(path), adapters=("agent",), lora=LoraSettings(r=1), compute_dtype=dtype)
+        policy.EAGER_PAIRS_CPU = eager_pairs
+        return torch.stack([policy.forward_responses([q] * len(answers), answers, with_values=False)["logprobs"]
+                            .sum(1).exp().double() for q in queries])
+
+    reference = probabilities(torch.float32, 0)
+    print("P(answer) on 16 prompts x 2 answers, against fp32 with SDPA:")
+    for name, dtype, eager_pairs in (("bf16, eager", torch.bfloat16, 2 ** 62), ("bf16, SDPA", torch.bfloat16, 0),
+                                     ("fp32, eager", torch.float32, 2 ** 62)):
+        error = (probabilities(dtype, eager_pairs) - reference).abs()
+        print(f"  {name:<12} max |error| {error.max():.4f}, mean {error.mean():.4f}")
+
+
 if __name__ == "__main__":
     attention()
     adam()
+    attention_accuracy()
