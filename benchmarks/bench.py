@@ -118,6 +118,17 @@ class Clock:
             totals[key] += time.perf_counter() - t
 
 
+def median_s(fn, n: int = 5) -> float:
+    """Median wall time of `n` calls of `fn` on the CPU, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def med(values) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None

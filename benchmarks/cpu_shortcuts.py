@@ -23,15 +23,7 @@ import time
 
 import torch
 
-
-def median_s(fn, n: int) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchmarks.bench import median_s
 
 
 def attention() -> None:
@@ -99,23 +91,17 @@ def adam() -> None:
 
 
 def attention_accuracy() -> None:
-    import itertools
-
     from transformers import AutoTokenizer
 
-    from games import GAMES, C, D, get_tokens, structured_prompt
+    from games import get_tokens
     from moral.agent import Codec
+    from moral.diagnostics import training_queries
     from moral.embedded import ensure_embedded_model
     from ppo_core import LoraSettings, PolicyModel, load_causal_lm
 
     path = ensure_embedded_model()
     tokens = get_tokens("action12")
-    codec = Codec(AutoTokenizer.from_pretrained(path), tokens, "prefix")
-    pair = (tokens.c, tokens.d)
-    queries = [codec.query(structured_prompt(GAMES["IPD"], tokens, own, other, first, second))
-               for own, other in itertools.product((C, D), (C, D))
-               for first in (pair, pair[::-1]) for second in (pair, pair[::-1])]
-    answers = [torch.tensor(ids[len(codec.plan.prefix_ids):]) for ids in codec.plan.action_ids]
+    queries, answers = training_queries(Codec(AutoTokenizer.from_pretrained(path), tokens, "prefix"), tokens)
 
     @torch.no_grad()
     def probabilities(dtype, eager_pairs):  # (16, 2) float64

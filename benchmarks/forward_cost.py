@@ -6,10 +6,10 @@ them off: the fixed part of a pass is why the prompt tree saves less time than t
 
 from __future__ import annotations
 
-import statistics
-import time
 
 import torch
+
+from benchmarks.bench import median_s
 
 
 def main() -> None:
@@ -17,15 +17,6 @@ def main() -> None:
     from moral.config import RunConfig
 
     policy, _ = load_agent_model(RunConfig(episodes=1).resolve(), init_seed=0)
-
-    def median_s(fn, n=5):
-        fn()
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
 
     print(f"{'tokens':>6} {'LoRA s':>8} {'no LoRA s':>9}   ({policy.compute_dtype})")
     for length in (1, 8, 32, 64, 128, 231):

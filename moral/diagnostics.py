@@ -17,17 +17,21 @@ from games import GAMES, C, D, get_tokens, structured_prompt
 from .agent import Codec
 
 
-@torch.no_grad()
-def answer_probabilities(policy, tokenizer, tokens, format_aid: str) -> dict:
-    """Mean over the 16 training prompts of P(C string), P(D string) and P(legal) as the next tokens."""
-    codec = Codec(tokenizer, tokens, format_aid)
-    prefix = len(codec.plan.prefix_ids)
+def training_queries(codec: Codec, tokens) -> tuple[list, list[torch.Tensor]]:
+    """The 16 training prompts' query ids, and the (C, D) answers' ids after the answer prefix."""
     pair = (tokens.c, tokens.d)
     prompts = [structured_prompt(GAMES["IPD"], tokens, own, other, first, second)
                for own, other in itertools.product((C, D), (C, D))
                for first in (pair, pair[::-1]) for second in (pair, pair[::-1])]
-    queries = [codec.query(prompt) for prompt in prompts]
-    rests = [torch.tensor(ids[prefix:]) for ids in codec.plan.action_ids]  # (C, D) after the answer prefix
+    prefix = len(codec.plan.prefix_ids)
+    return [codec.query(prompt) for prompt in prompts], [torch.tensor(ids[prefix:]) for ids in codec.plan.action_ids]
+
+
+@torch.no_grad()
+def answer_probabilities(policy, tokenizer, tokens, format_aid: str) -> dict:
+    """Mean over the 16 training prompts of P(C string), P(D string) and P(legal) as the next tokens."""
+    codec = Codec(tokenizer, tokens, format_aid)
+    queries, rests = training_queries(codec, tokens)
     out = policy.forward_responses([q for q in queries for _ in rests], [r for _ in queries for r in rests],
                                    with_values=False)  # one batched pass over the 16 prompts x 2 answers
     p = out["logprobs"].sum(1).exp().view(len(queries), len(rests)).mean(0).tolist()

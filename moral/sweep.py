@@ -442,8 +442,9 @@ def run_sweep(specs: list[RunSpec], out: str, grid_path: str, *, address: str | 
         engine = Engine(address, cpus, gpus, retries)
         holder = f"sweep {os.path.abspath(out)}"
         try:
-            # Longest first (two learners: about 1.4x the cost per episode here), so the last runs are short ones.
-            todo.sort(key=lambda s: -s.episodes * (2 if s.config.opponent == "llm" else 1))
+            # Longest first, so the last runs are short ones (two learners: 7.0 vs 4.7 s per episode in the
+            # embedded grid, README).
+            todo.sort(key=lambda s: -s.episodes * (1.5 if s.config.opponent == "llm" else 1))
             bar = tqdm(total=sum(s.episodes for s in specs), initial=sweep.episodes_done(), unit="episode",
                        disable=not progress, dynamic_ncols=True, desc=f"sweep {len(specs)} runs")
             last_write = 0.0
@@ -466,8 +467,8 @@ def run_sweep(specs: list[RunSpec], out: str, grid_path: str, *, address: str | 
             bar.close()
         except KeyboardInterrupt:
             sweep.write()
-            sys.stderr.write(f"stopped; every run continues from its last checkpoint when you launch the same sweep "
-                             f"again\n")
+            sys.stderr.write("stopped; every run continues from its last checkpoint when you launch the same sweep "
+                             "again\n")
             return 130
         finally:
             engine.close()

@@ -263,7 +263,7 @@ class PolicyModel(nn.Module):
     def attention_mask_4d(self, visible: torch.Tensor, implementation: str | None = None) -> torch.Tensor:
         """[Q, K] bool (True = may attend) -> the [1, 1, Q, K] mask the attention `implementation` (default: the
         model's) takes: boolean for SDPA, additive float (0 or the most negative float) for eager attention."""
-        if (implementation or self.config._attn_implementation) == "sdpa":
+        if (implementation or self.config.get_text_config()._attn_implementation) == "sdpa":
             return visible[None, None]
         return torch.zeros(visible.shape, device=visible.device).masked_fill(~visible, torch.finfo(torch.float32).min)[
             None, None]

@@ -31,8 +31,9 @@ def fixed_batch(n=8, seed=0, response_len=2):
 def test_gradient_accumulation_equals_one_big_batch():
     """k=4 micro-batches of 2 make the same gradient as one micro-batch of 8 (fp32: rtol 1e-5, atol 1e-7; only
     the summation order differs), and each makes one Adam step with its gradient: Adam's first step is
-    -lr * g / (|g| + eps) (float64 reference; atol 3e-8, a few float32 steps of parameters near 0.1). The two updates are not
-    compared with each other: dividing by |g| + 1e-8 magnifies rounding in gradients of size ~1e-8."""
+    -lr * g / (|g| + eps) (float64 reference; atol 3e-8, a few float32 steps of parameters near 0.1). The two
+    updates are not compared with each other: dividing by |g| + 1e-8 magnifies rounding in gradients of size
+    ~1e-8."""
     lr = 1e-3
     base = dict(batch_size=8, ppo_epochs=1, learning_rate=lr, fuse_rollout=False)
     _, big = make(PPOConfig(mini_batch_size=8, **base))
