@@ -15,13 +15,14 @@ import tempfile
 import time
 
 
-def recorded_episode(folder: str):
-    """A fresh main-job run in `folder` after two warm-up episodes, and a function that replays its third episode's
-    five sampling calls and PPO step (same prompts each time) and returns the step's statistics."""
+def recorded_episode(folder: str, config=None):
+    """A fresh main-job run in `folder` (`config`: a moral.config.RunConfig, default the main job's with 10
+    episodes) after two warm-up episodes, and a function that replays its third episode's five sampling calls and
+    PPO step (same prompts each time) and returns the step's statistics."""
     from moral.config import RunConfig
     from moral.finetune import FineTuning
 
-    run = FineTuning(RunConfig(episodes=10).resolve(), f"{folder}/run", progress=False)
+    run = FineTuning((config or RunConfig(episodes=10)).resolve(), f"{folder}/run", progress=False)
     trainer = run.trainers["agent"]
     for _ in range(2):
         run.run_episode()
