@@ -27,6 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.bench import median_s
+
 
 class FusedLlama:
     """The decoder stack of a peft-wrapped Llama-family PolicyModel as plain tensor operations on its own weights
@@ -141,21 +143,13 @@ def compiled_layers(run, replay) -> None:
     torch._dynamo.config.recompile_limit = 64  # each layer index guards on the cache's length: one graph per layer
     torch._dynamo.config.accumulated_recompile_limit = 4096
 
-    def median(n=5):
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            replay()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    eager = median()
+    eager = median_s(replay)
     for layer in run.policy._backbone.layers:
         layer.compile(dynamic=True)
     start = time.perf_counter()
     replay()
     first = time.perf_counter() - start
-    print(f"replayed main-job episode: eager {eager:.2f} s, compiled layers {median():.2f} s "
+    print(f"replayed main-job episode: eager {eager:.2f} s, compiled layers {median_s(replay):.2f} s "
           f"(median of 5; the first compiled replay took {first:.0f} s)")
 
 
