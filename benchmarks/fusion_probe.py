@@ -2,7 +2,7 @@
 LoRA r=64 on every linear layer, bf16 autocast on a CPU with native bf16):
 
     python -m benchmarks.fusion_probe                (about 3 minutes; run it on an idle machine)
-    python -m benchmarks.fusion_probe --compile      (adds about 8 minutes: compiles the 30 decoder layers)
+    python -m benchmarks.fusion_probe --compile      (adds about 10 minutes: the compiles of 2. and 3.)
     python -m benchmarks.fusion_probe --dtype fp32   (the fused layer's agreement with the modules in fp32)
 
 1. A hand-fused Llama decoder layer: the q/k/v and the gate/up base weights concatenated into one product each, one
@@ -10,7 +10,9 @@ LoRA r=64 on every linear layer, bf16 autocast on a CPU with native bf16):
    as the Hugging Face modules (RMSNorm and softmax in fp32). One packed pass of T tokens (causal mask), forward and
    backward to the LoRA weights, against the Hugging Face + peft modules the job runs; alternating, medians of 5;
    T = 443 (the tokens of the profiled episode, `benchmarks.episode_profile`) and 110 (a later sampling call).
-2. torch.compile of each decoder layer (regional compilation, dynamic shapes, recompile limit raised so that all 30
+2. The best case for fusion: the hand-fused stack of 1. compiled whole by torch.compile for one fixed shape (T = 443;
+   no cache objects, no peft, no graph breaks), one pass forward + backward, eager vs compiled, medians of 5.
+3. torch.compile of each decoder layer (regional compilation, dynamic shapes, recompile limit raised so that all 30
    layers compile) on the replayed main-job episode of `benchmarks.episode_profile`, medians of 5.
 
 Neither is in ppo_core: this records what they gave (README, "Speed").
@@ -138,6 +140,33 @@ def fused_layer(run, tokens: tuple[int, ...]) -> None:
             print(f"  {name:<20} forward + backward {statistics.median(t):.3f} s")
 
 
+def compiled_fused_stack(run, T: int) -> None:
+    """The best case for fusion: the hand-fused stack compiled whole for one fixed shape (no cache objects, no
+    peft, no graph breaks), one packed pass of T tokens forward + backward."""
+    policy = run.policy
+    params = policy.trainable_parameters(policy._active)
+    fused = FusedLlama(policy)
+    ids = torch.randint(100, policy.config.get_text_config().vocab_size, (T,),
+                        generator=torch.Generator().manual_seed(T))
+    positions, visible = torch.arange(T), torch.ones(T, T, dtype=torch.bool).tril()
+    compiled = torch.compile(fused.hidden, dynamic=False)
+
+    def pass_s(fn) -> float:
+        for p in params:
+            p.grad = None
+        start = time.perf_counter()
+        fn(ids, positions, visible).float().square().mean().backward()
+        return time.perf_counter() - start
+
+    first = pass_s(compiled)
+    times = {"eager": [], "compiled": []}
+    for _ in range(5):
+        for name, fn in (("eager", fused.hidden), ("compiled", compiled)):
+            times[name].append(pass_s(fn))
+    print(f"hand-fused stack, T={T}, forward + backward: eager {statistics.median(times['eager']):.3f} s, compiled "
+          f"whole {statistics.median(times['compiled']):.3f} s (median of 5; compiling took {first:.0f} s)")
+
+
 def compiled_layers(run, replay) -> None:
     import torch._dynamo
     torch._dynamo.config.recompile_limit = 64  # each layer index guards on the cache's length: one graph per layer
@@ -155,7 +184,7 @@ def compiled_layers(run, replay) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fusion_probe", description=__doc__.split("\n")[0])
-    parser.add_argument("--compile", action="store_true", help="also compile the decoder layers (about 8 minutes)")
+    parser.add_argument("--compile", action="store_true", help="also the compiled cases (about 10 minutes)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--tokens", type=int, nargs="+", default=[443, 110])
     args = parser.parse_args()
@@ -167,6 +196,7 @@ def main() -> None:
         run, replay = recorded_episode(folder, RunConfig(episodes=10, dtype=args.dtype))
         fused_layer(run, tuple(args.tokens))
         if args.compile:
+            compiled_fused_stack(run, args.tokens[0])
             compiled_layers(run, replay)
         run.logs.close()
     finally:
