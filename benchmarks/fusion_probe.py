@@ -1,8 +1,9 @@
-"""Two ways to cut the per-op overhead of an episode on the CPU, tried on the stack the main job runs (SmolLM2-135M,
+"""Ways to cut the per-op overhead of an episode on the CPU, tried on the stack the main job runs (SmolLM2-135M,
 LoRA r=64 on every linear layer, bf16 autocast on a CPU with native bf16):
 
-    python -m benchmarks.fusion_probe                (about 3 minutes; run it on an idle machine)
-    python -m benchmarks.fusion_probe --compile      (adds about 10 minutes: the compiles of 2. and 3.)
+    python -m benchmarks.fusion_probe                (about 1 minute; run it on an idle machine)
+    python -m benchmarks.fusion_probe --compile      (adds 2. and 3.: about 3 minutes with a warm compile cache,
+                                                      several more the first time on a machine)
     python -m benchmarks.fusion_probe --dtype fp32   (the fused layer's agreement with the modules in fp32)
 
 1. A hand-fused Llama decoder layer: the q/k/v and the gate/up base weights concatenated into one product each, one
@@ -15,7 +16,7 @@ LoRA r=64 on every linear layer, bf16 autocast on a CPU with native bf16):
 3. torch.compile of each decoder layer (regional compilation, dynamic shapes, recompile limit raised so that all 30
    layers compile) on the replayed main-job episode of `benchmarks.episode_profile`, medians of 5.
 
-Neither is in ppo_core: this records what they gave (README, "Speed").
+None is in ppo_core: this records what they gave (README, "Speed").
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class FusedLlama:
 
     def __init__(self, policy):
         backbone, adapter = policy._backbone, policy._active
-        self.dtype, self.autocast = policy.compute_dtype, policy._autocast
+        self.dtype = policy.compute_dtype
         text = policy.config.get_text_config()
         self.heads, self.kv_heads = text.num_attention_heads, text.num_key_value_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // self.heads
@@ -104,67 +105,54 @@ class FusedLlama:
         return self._rms(h, self.norm.weight)
 
 
-def fused_layer(run, tokens: tuple[int, ...]) -> None:
-    policy = run.policy
-    params = policy.trainable_parameters(policy._active)
-    with torch.no_grad():  # LoRA B starts at zero: make the adapters matter for the agreement check
-        g = torch.Generator().manual_seed(0)
-        for name, p in policy.lm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    fused = FusedLlama(policy)
-    vocab = policy.config.get_text_config().vocab_size
-    for T in tokens:
-        ids = torch.randint(100, vocab, (T,), generator=torch.Generator().manual_seed(T))
-        positions, visible = torch.arange(T), torch.ones(T, T, dtype=torch.bool).tril()
-
-        def modules():
-            return policy.packed_hidden_states(ids[None], {"full_attention": visible}, positions[None])[0]
-
-        def hand_fused():
-            return fused.hidden(ids, positions, visible)
-
-        with torch.no_grad():
-            a, b = modules().float(), hand_fused().float()
-        print(f"T={T}: fused vs modules, final hidden states: max |difference| {(a - b).abs().max():.3g}, mean "
-              f"{(a - b).abs().mean():.3g} (max |hidden| {a.abs().max():.3g}, mean {a.abs().mean():.3g})")
-        times = {"modules (HF + peft)": [], "hand-fused layer": []}
-        for _ in range(5):
-            for name, fn in zip(times, (modules, hand_fused)):
-                for p in params:
-                    p.grad = None
-                start = time.perf_counter()
-                fn().float().square().mean().backward()
-                times[name].append(time.perf_counter() - start)
-        for name, t in times.items():
-            print(f"  {name:<20} forward + backward {statistics.median(t):.3f} s")
-
-
-def compiled_fused_stack(run, T: int) -> None:
-    """The best case for fusion: the hand-fused stack compiled whole for one fixed shape (no cache objects, no
-    peft, no graph breaks), one packed pass of T tokens forward + backward."""
-    policy = run.policy
-    params = policy.trainable_parameters(policy._active)
-    fused = FusedLlama(policy)
+def causal_pass(policy, T: int):
+    """Random ids, positions and a causal mask for one packed pass of T tokens: ([T], [T], [T, T] bool)."""
     ids = torch.randint(100, policy.config.get_text_config().vocab_size, (T,),
                         generator=torch.Generator().manual_seed(T))
-    positions, visible = torch.arange(T), torch.ones(T, T, dtype=torch.bool).tril()
+    return ids, torch.arange(T), torch.ones(T, T, dtype=torch.bool).tril()
+
+
+def alternating_medians(params, passes: dict, n: int = 5) -> dict[str, float]:
+    """{name: fn() -> hidden states}: median seconds of forward + backward to `params`, the passes alternating."""
+    times = {name: [] for name in passes}
+    for _ in range(n):
+        for name, fn in passes.items():
+            for p in params:
+                p.grad = None
+            start = time.perf_counter()
+            fn().float().square().mean().backward()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def fused_layer(policy, fused: FusedLlama, tokens: tuple[int, ...]) -> None:
+    params = policy.trainable_parameters(policy._active)
+    for T in tokens:
+        ids, positions, visible = causal_pass(policy, T)
+        passes = {"modules (HF + peft)": lambda: policy.packed_hidden_states(
+                      ids[None], {"full_attention": visible}, positions[None])[0],
+                  "hand-fused layer": lambda: fused.hidden(ids, positions, visible)}
+        with torch.no_grad():
+            a, b = (fn().float() for fn in passes.values())
+        print(f"T={T}: fused vs modules, final hidden states: max |difference| {(a - b).abs().max():.3g}, mean "
+              f"{(a - b).abs().mean():.3g} (max |hidden| {a.abs().max():.3g}, mean {a.abs().mean():.3g})")
+        for name, seconds in alternating_medians(params, passes).items():
+            print(f"  {name:<20} forward + backward {seconds:.3f} s")
+
+
+def compiled_fused_stack(policy, fused: FusedLlama, T: int) -> None:
+    """The best case for fusion: the hand-fused stack compiled whole for one fixed shape (no cache objects, no
+    peft, no graph breaks), one packed pass of T tokens forward + backward."""
+    ids, positions, visible = causal_pass(policy, T)
     compiled = torch.compile(fused.hidden, dynamic=False)
-
-    def pass_s(fn) -> float:
-        for p in params:
-            p.grad = None
-        start = time.perf_counter()
-        fn(ids, positions, visible).float().square().mean().backward()
-        return time.perf_counter() - start
-
-    first = pass_s(compiled)
-    times = {"eager": [], "compiled": []}
-    for _ in range(5):
-        for name, fn in (("eager", fused.hidden), ("compiled", compiled)):
-            times[name].append(pass_s(fn))
-    print(f"hand-fused stack, T={T}, forward + backward: eager {statistics.median(times['eager']):.3f} s, compiled "
-          f"whole {statistics.median(times['compiled']):.3f} s (median of 5; compiling took {first:.0f} s)")
+    params = policy.trainable_parameters(policy._active)
+    start = time.perf_counter()
+    compiled(ids, positions, visible).float().square().mean().backward()  # compiles forward and backward
+    first = time.perf_counter() - start
+    seconds = alternating_medians(params, {"eager": lambda: fused.hidden(ids, positions, visible),
+                                           "compiled": lambda: compiled(ids, positions, visible)})
+    print(f"hand-fused stack, T={T}, forward + backward: eager {seconds['eager']:.3f} s, compiled whole "
+          f"{seconds['compiled']:.3f} s (median of 5; compiling took {first:.0f} s)")
 
 
 def compiled_layers(run, replay) -> None:
@@ -194,9 +182,16 @@ def main() -> None:
     folder = tempfile.mkdtemp(prefix="fusion-probe-")
     try:
         run, replay = recorded_episode(folder, RunConfig(episodes=10, dtype=args.dtype))
-        fused_layer(run, tuple(args.tokens))
+        policy = run.policy
+        with torch.no_grad():  # LoRA B starts at zero: make the adapters matter for the agreement check
+            g = torch.Generator().manual_seed(0)
+            for name, p in policy.lm.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        fused = FusedLlama(policy)
+        fused_layer(policy, fused, tuple(args.tokens))
         if args.compile:
-            compiled_fused_stack(run, args.tokens[0])
+            compiled_fused_stack(policy, fused, args.tokens[0])
             compiled_layers(run, replay)
         run.logs.close()
     finally:

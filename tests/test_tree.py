@@ -25,6 +25,15 @@ def tiny_gemma2_config(window: int = 8):
                         max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
 
 
+def with_nonzero_lora(policy: PolicyModel, seed: int = 0) -> PolicyModel:
+    """LoRA B starts at zero: random LoRA and value-head weights make the adapters matter."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in policy.trainable_parameters("agent"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return policy
+
+
 def make_policy(arch: str, attn: str, seed: int = 0) -> PolicyModel:
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
@@ -33,10 +42,7 @@ def make_policy(arch: str, attn: str, seed: int = 0) -> PolicyModel:
     policy = PolicyModel(lm, adapters=("agent",), lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     if attn == "sdpa-only":  # small packed passes with gradients keep SDPA instead of switching to eager
         policy.EAGER_PAIRS_CPU = 0
-    with torch.no_grad():  # LoRA B starts at zero: make the adapters matter
-        for p in policy.trainable_parameters("agent"):
-            p.normal_(0, 0.05)
-    return policy
+    return with_nonzero_lora(policy, seed)
 
 
 def padded(policy):
@@ -56,24 +62,28 @@ CASES = {  # (queries, responses of 1 or 2 tokens)
 }
 ARCHS = [("llama", "eager"), ("llama", "sdpa"), ("llama", "sdpa-only"),
          ("gemma2", "eager")]  # Gemma-2 has no SDPA in transformers
+ALL_QUERIES = [CASES["share nothing"][1], *CASES["shared prefix"], CASES["identical"][1], CASES["prefix of another"][1]]
+ALL_RESPONSES = [torch.tensor([5 + i, 9]) for i in range(len(ALL_QUERIES))]
 
 
-@pytest.mark.parametrize("answer", [1, 2], ids=["one-token", "two-token"])
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("arch, attn", ARCHS, ids=[f"{a}-{b}" for a, b in ARCHS])
-def test_tree_matches_separate_sequences(arch, attn, case, answer):
-    queries = CASES[case]
-    responses = [torch.tensor([5, 9][:answer]), torch.tensor([7, 5][:answer])]
+def tree_and_padded(make_policy_fn, queries=ALL_QUERIES, responses=ALL_RESPONSES):
+    """forward_responses (default: every case at once, two-token answers) and its LoRA gradients, with the tree and
+    on the padded path: {"tree" | "padded": ({logprobs, values, entropy} float64, [gradients])}."""
     results = {}
     for mode in ("tree", "padded"):
-        policy = make_policy(arch, attn)
+        policy = make_policy_fn()
         if mode == "padded":
             padded(policy)
         assert policy.tree_supported == (mode == "tree")
         out = policy.forward_responses(queries, responses, with_entropy=True)
         (out["logprobs"].sum() + out["values"].sum()).backward()
-        grads = [p.grad.clone() for p in policy.trainable_parameters("agent")]
-        results[mode] = ({k: v.detach() for k, v in out.items()}, grads)
+        results[mode] = ({k: v.detach().double() for k, v in out.items()},
+                         [p.grad.clone() for p in policy.trainable_parameters("agent")])
+    return results
+
+
+def assert_tree_matches(results) -> None:
+    """Tree and padded results of tree_and_padded agree to TOL."""
     (tree, tree_grads), (sep, sep_grads) = results["tree"], results["padded"]
     for key in ("logprobs", "values", "entropy"):
         assert torch.allclose(tree[key], sep[key], atol=TOL, rtol=TOL), key
@@ -81,32 +91,12 @@ def test_tree_matches_separate_sequences(arch, attn, case, answer):
         assert torch.allclose(a, b, atol=TOL, rtol=TOL)
 
 
-ALL_QUERIES = [CASES["share nothing"][1], *CASES["shared prefix"], CASES["identical"][1], CASES["prefix of another"][1]]
-ALL_RESPONSES = [torch.tensor([5 + i, 9]) for i in range(len(ALL_QUERIES))]
-
-
-def with_nonzero_lora(policy: PolicyModel, seed: int = 0) -> PolicyModel:
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed)
-        for p in policy.trainable_parameters("agent"):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return policy
-
-
-def tree_and_padded(make_policy_fn):
-    """forward_responses on ALL_QUERIES (every case at once, two-token answers) and its LoRA gradients, with the
-    tree and on the padded path: {"tree" | "padded": ({logprobs, values, entropy} float64, [gradients])}."""
-    results = {}
-    for mode in ("tree", "padded"):
-        policy = make_policy_fn()
-        if mode == "padded":
-            padded(policy)
-        assert policy.tree_supported == (mode == "tree")
-        out = policy.forward_responses(ALL_QUERIES, ALL_RESPONSES, with_entropy=True)
-        (out["logprobs"].sum() + out["values"].sum()).backward()
-        results[mode] = ({k: v.detach().double() for k, v in out.items()},
-                         [p.grad.clone() for p in policy.trainable_parameters("agent")])
-    return results
+@pytest.mark.parametrize("answer", [1, 2], ids=["one-token", "two-token"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("arch, attn", ARCHS, ids=[f"{a}-{b}" for a, b in ARCHS])
+def test_tree_matches_separate_sequences(arch, attn, case, answer):
+    responses = [torch.tensor([5, 9][:answer]), torch.tensor([7, 5][:answer])]
+    assert_tree_matches(tree_and_padded(lambda: make_policy(arch, attn), CASES[case], responses))
 
 
 def test_tree_with_4bit_base_weights_matches_separate_sequences(tiny_model_dir):
@@ -120,11 +110,7 @@ def test_tree_with_4bit_base_weights_matches_separate_sequences(tiny_model_dir):
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in lm.modules())
         return with_nonzero_lora(PolicyModel(lm, adapters=("agent",), lora=LoraSettings(r=4, alpha=8, dropout=0.0)))
 
-    (tree, tree_grads), (sep, sep_grads) = tree_and_padded(make).values()
-    for key in ("logprobs", "values", "entropy"):
-        assert torch.allclose(tree[key], sep[key], atol=TOL, rtol=TOL), key
-    for a, b in zip(tree_grads, sep_grads):
-        assert torch.allclose(a, b, atol=TOL, rtol=TOL)
+    assert_tree_matches(tree_and_padded(make))
 
 
 def test_tree_under_bf16_autocast_is_as_accurate_as_separate_sequences():
