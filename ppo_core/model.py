@@ -249,7 +249,7 @@ class PolicyModel(nn.Module):
         with self._compute_context():
             out = self._backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  use_cache=use_cache, **cache)
-        return out.last_hidden_state, (out.past_key_values if use_cache else None)
+        return out.last_hidden_state, (getattr(out, self._cache_kwarg) if use_cache else None)
 
     # -- the prompt tree (ppo_core.tree) ---------------------------------------------------------------------------
     @property

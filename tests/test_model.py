@@ -116,3 +116,21 @@ def test_device_dtype_rules():
         load_causal_lm("unused", quantize="2bit")
     with pytest.raises(ValueError, match="adapter 'nope'"):
         tiny_policy(0).set_adapter("nope")
+
+
+def test_the_key_value_cache_is_read_without_the_deprecated_name(monkeypatch):
+    """transformers 5 renamed an output's `past_key_values` to `cache` (the old name warns, and goes in v6): the
+    cached path reads the cache under the name the backbone takes, and the cache it returns continues the sequence."""
+    from transformers.utils import generic
+
+    def old_name(self):
+        raise AssertionError("read output.past_key_values")
+    monkeypatch.setattr(generic.ModelOutput, "past_key_values", property(old_name))
+    policy = tiny_policy(0)
+    x = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole, _ = policy.hidden_states(x)
+        _, cache = policy.hidden_states(x[:, :6], use_cache=True)
+        rest, _ = policy.hidden_states(x[:, 6:], past_key_values=cache, position_ids=torch.arange(6, 9)[None])
+    assert cache is not None
+    torch.testing.assert_close(rest, whole[:, 6:], rtol=0, atol=1e-5)
