@@ -177,13 +177,13 @@ def train(argv: list[str], prog: str = PROG) -> None:
     from .sweep import settings_from_args
 
     args = train_parser(prog).parse_args(argv)
+    quiet_libraries()  # before the config resolves: that imports bitsandbytes, which logs on import
     try:
         if args.resume:
             config, folder, resume = _resumed_config(args), args.resume, True
         else:
             config = RunConfig(**settings_from_args(args)).resolve()
             folder, resume = _new_run_folder(args, config), False
-        quiet_libraries()
         try:
             run = FineTuning(config, folder, resume=resume, progress=not args.no_progress)
         except (OSError, ValueError) as exc:

@@ -55,3 +55,14 @@ def test_no_module_of_the_package_imports_run_py():
                 if name.endswith(".py"):
                     text = open(os.path.join(where, name)).read()
                     assert not re.search(r"^\s*(import run\b|from run import)", text, flags=re.M), name
+
+
+def test_a_successful_run_writes_nothing_to_stderr(tmp_path, tiny_chat_model_dir):
+    """Library chatter stays out of the user's terminal: bitsandbytes' request for the `kernels` hub package (logged
+    when it is first imported, on CPUs with bf16 instructions), deprecation warnings, progress bars."""
+    proc = subprocess.run([sys.executable, "run.py", "--reward", "deont", "--model", tiny_chat_model_dir,
+                           "--episodes", "1", "--lora-rank", "4", "--format-aid", "prefix",
+                           "--out", str(tmp_path / "run"), "--no-progress"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("run folder:"), proc.stderr[-2000:]
+    assert proc.stderr == ""
