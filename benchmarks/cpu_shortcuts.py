@@ -1,6 +1,8 @@
-"""The measurements behind two CPU-path choices of ppo_core, on the embedded model:
+"""The measurements behind some CPU-path choices of ppo_core, on the embedded model:
 
-    python -m benchmarks.cpu_shortcuts        (about 5 minutes; run it on an idle machine)
+    python -m benchmarks.cpu_shortcuts [PART ...]   (all four parts: about 5 minutes; run it on an idle machine)
+
+PART is attention, adam, accuracy or reference (default: all, in this order).
 
 1. Attention of packed passes (`PolicyModel.EAGER_PAIRS_CPU`): one recorded main-job episode replayed with the size
    rule (eager attention up to 2^18 query-key pairs) and with SDPA for every pass, alternating, medians of 5; then
@@ -12,6 +14,9 @@
    prompt per pass as in an episode's first sampling call) with eager attention and with SDPA, each against fp32
    SDPA. Eager attention rounds the attention scores to bf16 before the softmax, SDPA does not; the question is
    whether that makes the shortcut less accurate.
+4. Switching the adapters off for a reference pass: peft's `disable_adapter()` context vs `PolicyModel.reference()`
+   on the job's model (SmolLM2-135M, LoRA r=64 on all seven linear layers, 210 LoRA layers), entered and left 20
+   times, mean.
 """
 
 from __future__ import annotations
@@ -118,7 +123,32 @@ def attention_accuracy() -> None:
         print(f"  {name:<12} max |error| {error.max():.4f}, mean {error.mean():.4f}")
 
 
+def reference_switch() -> None:
+    from moral.agent import load_agent_model
+    from moral.config import RunConfig
+
+    policy, _ = load_agent_model(RunConfig().resolve(), init_seed=0)
+    print(f"switching {len(policy._lora_layers)} LoRA layers off and on again, mean of 20:")
+    for name, context in (("peft disable_adapter()", policy.lm.disable_adapter),
+                          ("PolicyModel.reference()", policy.reference)):
+        with context():
+            pass
+        start = time.perf_counter()
+        for _ in range(20):
+            with context():
+                pass
+        print(f"  {name:<24} {(time.perf_counter() - start) / 20 * 1e3:.2f} ms")
+
+
+PARTS = {"attention": attention, "adam": adam, "accuracy": attention_accuracy, "reference": reference_switch}
+
 if __name__ == "__main__":
-    attention()
-    adam()
-    attention_accuracy()
+    import sys
+
+    names = sys.argv[1:] or list(PARTS)
+    unknown = [n for n in names if n not in PARTS]
+    if unknown:
+        print(f"error: unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}", file=sys.stderr)
+        sys.exit(2)
+    for name in names:
+        PARTS[name]()

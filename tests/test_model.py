@@ -134,3 +134,36 @@ def test_the_key_value_cache_is_read_without_the_deprecated_name(monkeypatch):
         rest, _ = policy.hidden_states(x[:, 6:], past_key_values=cache, position_ids=torch.arange(6, 9)[None])
     assert cache is not None
     torch.testing.assert_close(rest, whole[:, 6:], rtol=0, atol=1e-5)
+
+
+def test_reference_computes_what_peft_disable_adapter_does_and_leaves_requires_grad_alone():
+    """PolicyModel.reference() switches every LoRA layer off by its flag alone: the same numbers as peft's
+    disable_adapter() (bit for bit), nesting restores, and no parameter's requires_grad changes (peft's context
+    freezes the inactive adapter on exit, which a kept graph of that adapter needs live)."""
+    policy = tiny_policy(0, adapters=("agent", "opponent"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in policy.adapter_names:
+            for p in policy.trainable_parameters(name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    flags = {n: p.requires_grad for n, p in policy.named_parameters()}
+    assert all(p.requires_grad for n in policy.adapter_names for p in policy.trainable_parameters(n))
+    x = torch.randint(0, 64, (2, 7), generator=g)
+
+    def hidden():
+        with torch.no_grad():
+            return policy.hidden_states(x)[0]
+
+    adapted = hidden()
+    with policy.reference():
+        ours = hidden()
+        with policy.reference():
+            nested = hidden()
+        after_nested = hidden()
+        assert {n: p.requires_grad for n, p in policy.named_parameters()} == flags
+    assert {n: p.requires_grad for n, p in policy.named_parameters()} == flags
+    assert torch.equal(hidden(), adapted)
+    with policy.lm.disable_adapter():
+        theirs = hidden()
+    assert torch.equal(ours, theirs) and torch.equal(nested, theirs) and torch.equal(after_nested, theirs)
+    assert (ours - adapted).abs().max() > 1e-3
