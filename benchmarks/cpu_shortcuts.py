@@ -16,7 +16,7 @@ PART is attention, adam, accuracy or reference (default: all, in this order).
    whether that makes the shortcut less accurate.
 4. Switching the adapters off for a reference pass: peft's `disable_adapter()` context vs `PolicyModel.reference()`
    on the job's model (SmolLM2-135M, LoRA r=64 on all seven linear layers, 210 LoRA layers), entered and left 20
-   times, mean.
+   times, median.
 """
 
 from __future__ import annotations
@@ -128,16 +128,13 @@ def reference_switch() -> None:
     from moral.config import RunConfig
 
     policy, _ = load_agent_model(RunConfig().resolve(), init_seed=0)
-    print(f"switching {len(policy._lora_layers)} LoRA layers off and on again, mean of 20:")
+    print(f"switching {len(policy._lora_layers)} LoRA layers off and on again, median of 20:")
     for name, context in (("peft disable_adapter()", policy.lm.disable_adapter),
                           ("PolicyModel.reference()", policy.reference)):
-        with context():
-            pass
-        start = time.perf_counter()
-        for _ in range(20):
+        def enter_and_leave(context=context):
             with context():
                 pass
-        print(f"  {name:<24} {(time.perf_counter() - start) / 20 * 1e3:.2f} ms")
+        print(f"  {name:<24} {median_s(enter_and_leave, 20) * 1e3:.2f} ms")
 
 
 PARTS = {"attention": attention, "adam": adam, "accuracy": attention_accuracy, "reference": reference_switch}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -22,6 +23,10 @@ import time
 
 SUBCOMMANDS = ("train", "eval", "report", "sweep")
 PROG = "run.py"
+
+# bitsandbytes asks for the `kernels` hub package when it is first imported (on CPUs with bf16 instructions), and
+# resolving a run's config imports it: silenced here, before any command can import it, at the cost of no import.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -61,10 +66,8 @@ def finite_float(text: str) -> float:
 
 
 def quiet_libraries() -> None:
-    import logging
     import warnings
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # asks for the `kernels` hub package
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*should not be contained in the prefix.*")
     from transformers.utils import logging as hf_logging
@@ -177,13 +180,13 @@ def train(argv: list[str], prog: str = PROG) -> None:
     from .sweep import settings_from_args
 
     args = train_parser(prog).parse_args(argv)
-    quiet_libraries()  # before the config resolves: that imports bitsandbytes, which logs on import
     try:
         if args.resume:
             config, folder, resume = _resumed_config(args), args.resume, True
         else:
             config = RunConfig(**settings_from_args(args)).resolve()
             folder, resume = _new_run_folder(args, config), False
+        quiet_libraries()
         try:
             run = FineTuning(config, folder, resume=resume, progress=not args.no_progress)
         except (OSError, ValueError) as exc:

@@ -222,7 +222,7 @@ class PolicyModel(nn.Module):
         """The reference policy: the same base weights with every adapter disabled."""
         # Sets only the flag each LoRA layer's forward reads. peft's disable_adapter() does the same after walking
         # every module for a status report, and on exit resets requires_grad (freezing inactive adapters, whose kept
-        # graphs need them live): 36-62 ms per use on SmolLM2's 210 LoRA layers against under 1 ms for this
+        # graphs need them live): 36-63 ms per use on SmolLM2's 210 LoRA layers against 0.6-1.1 ms for this
         # (`python -m benchmarks.cpu_shortcuts reference`).
         previous = [layer._disable_adapters for layer in self._lora_layers]
         for layer in self._lora_layers:

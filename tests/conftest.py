@@ -20,6 +20,17 @@ def tiny_policy(seed: int = 0, adapters=("agent",), r: int = 8, lora_dropout: fl
                        value_head_dropout=value_head_dropout)
 
 
+
+def with_nonzero_lora(policy, seed: int = 0):
+    """LoRA B starts at zero: random LoRA and value-head weights (every adapter, in order) make the adapters matter."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name in policy.adapter_names:
+            for p in policy.trainable_parameters(name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return policy
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     """A tiny Llama saved to disk (for loading paths and 4-bit quantisation)."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_policy
+from conftest import tiny_policy, with_nonzero_lora
 from ppo_core import LoraSettings, PolicyModel, compute_dtype_for, load_causal_lm, save_adapter
 
 
@@ -140,15 +140,10 @@ def test_reference_computes_what_peft_disable_adapter_does_and_leaves_requires_g
     """PolicyModel.reference() switches every LoRA layer off by its flag alone: the same numbers as peft's
     disable_adapter() (bit for bit), nesting restores, and no parameter's requires_grad changes (peft's context
     freezes the inactive adapter on exit, which a kept graph of that adapter needs live)."""
-    policy = tiny_policy(0, adapters=("agent", "opponent"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name in policy.adapter_names:
-            for p in policy.trainable_parameters(name):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    policy = with_nonzero_lora(tiny_policy(0, adapters=("agent", "opponent")))
     flags = {n: p.requires_grad for n, p in policy.named_parameters()}
     assert all(p.requires_grad for n in policy.adapter_names for p in policy.trainable_parameters(n))
-    x = torch.randint(0, 64, (2, 7), generator=g)
+    x = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
 
     def hidden():
         with torch.no_grad():

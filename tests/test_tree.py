@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import random_queries, tiny_policy
+from conftest import random_queries, tiny_policy, with_nonzero_lora
 from ppo_core import LoraSettings, PPOConfig, PPOTrainer, PolicyModel
 from ppo_core.generation import sample
 from ppo_core.testing import tiny_llama, tiny_llama_config
@@ -23,15 +23,6 @@ def tiny_gemma2_config(window: int = 8):
                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=window,
                         final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=16,
                         max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-
-
-def with_nonzero_lora(policy: PolicyModel, seed: int = 0) -> PolicyModel:
-    """LoRA B starts at zero: random LoRA and value-head weights make the adapters matter."""
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed)
-        for p in policy.trainable_parameters("agent"):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return policy
 
 
 def make_policy(arch: str, attn: str, seed: int = 0) -> PolicyModel:
