@@ -1,8 +1,8 @@
 """The measurements behind some CPU-path choices of ppo_core, on the embedded model:
 
-    python -m benchmarks.cpu_shortcuts [PART ...]   (all four parts: about 5 minutes; run it on an idle machine)
+    python -m benchmarks.cpu_shortcuts [PART ...]   (all five parts: about 5 minutes; run it on an idle machine)
 
-PART is attention, adam, accuracy or reference (default: all, in this order).
+PART is attention, adam, accuracy, reference or switch (default: all, in this order).
 
 1. Attention of packed passes (`PolicyModel.EAGER_PAIRS_CPU`): one recorded main-job episode replayed with the size
    rule (eager attention up to 2^18 query-key pairs) and with SDPA for every pass, alternating, medians of 5; then
@@ -17,6 +17,9 @@ PART is attention, adam, accuracy or reference (default: all, in this order).
 4. Switching the adapters off for a reference pass: peft's `disable_adapter()` context vs `PolicyModel.reference()`
    on the job's model (SmolLM2-135M, LoRA r=64 on all seven linear layers, 210 LoRA layers), entered and left 20
    times, median.
+5. Switching between two learners' adapters (`--opponent llm`: six switches per episode): peft's `set_adapter` (then
+   every adapter made trainable again) vs `PolicyModel.set_adapter` on the same model with two adapters, to the
+   other learner and back 20 times, median.
 """
 
 from __future__ import annotations
@@ -137,7 +140,23 @@ def reference_switch() -> None:
         print(f"  {name:<24} {median_s(enter_and_leave, 20) * 1e3:.2f} ms")
 
 
-PARTS = {"attention": attention, "adam": adam, "accuracy": attention_accuracy, "reference": reference_switch}
+def learner_switch() -> None:
+    from moral.agent import load_agent_model
+    from moral.config import RunConfig
+
+    policy, _ = load_agent_model(RunConfig(opponent="llm").resolve(), init_seed=0)
+    print(f"switching {len(policy._lora_layers)} LoRA layers to the other learner and back, median of 20:")
+    for name, through_peft in (("peft set_adapter", True), ("PolicyModel.set_adapter", False)):
+        policy._peft_switch = through_peft
+
+        def there_and_back():
+            policy.set_adapter("opponent")
+            policy.set_adapter("agent")
+        print(f"  {name:<24} {median_s(there_and_back, 20) / 2 * 1e3:.2f} ms per switch")
+
+
+PARTS = {"attention": attention, "adam": adam, "accuracy": attention_accuracy, "reference": reference_switch,
+         "switch": learner_switch}
 
 if __name__ == "__main__":
     import sys

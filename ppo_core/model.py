@@ -181,6 +181,9 @@ class PolicyModel(nn.Module):
         self._autocast = self.compute_dtype in (torch.bfloat16, torch.float16)
         from peft.tuners.lora import LoraLayer
         self._lora_layers = [m for m in self.lm.modules() if isinstance(m, LoraLayer)]
+        # Adapters that train whole modules or token rows beside LoRA keep peft's switch, which also swaps those.
+        self._peft_switch = any(getattr(c, "modules_to_save", None) or getattr(c, "trainable_token_indices", None)
+                                for c in self.lm.peft_config.values())
         self._cast_holders: set = set()
         self._tree_supported: bool | None = None
         self.use_prompt_tree = True
@@ -201,12 +204,22 @@ class PolicyModel(nn.Module):
     def set_adapter(self, name: str) -> None:
         if name not in self.adapter_names:
             raise ValueError(f"adapter {name!r}: must be one of {', '.join(self.adapter_names)}")
-        if name != self._active:
+        if name == self._active:
+            return
+        if self._peft_switch:
             self.lm.set_adapter(name)
             for other in self.adapter_names:  # peft freezes inactive adapters; graphs built earlier need them live
                 for p in self.trainable_parameters(other):
                     p.requires_grad_(True)
-            self._active = name
+        else:
+            # What peft's set_adapter leaves behind, set directly: it walks every module twice and sets
+            # requires_grad on every adapter weight (which we then had to undo): 15-20 ms per switch on SmolLM2's
+            # 210 LoRA layers against 0.3-0.6 ms for this (`python -m benchmarks.cpu_shortcuts switch`).
+            self.lm.active_adapter = name
+            self.lm.base_model.active_adapter = name
+            for layer in self._lora_layers:
+                layer._active_adapter = [name]
+        self._active = name
 
     @contextlib.contextmanager
     def adapter(self, name: str):

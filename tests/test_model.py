@@ -162,3 +162,79 @@ def test_reference_computes_what_peft_disable_adapter_does_and_leaves_requires_g
         theirs = hidden()
     assert torch.equal(ours, theirs) and torch.equal(nested, theirs) and torch.equal(after_nested, theirs)
     assert (ours - adapted).abs().max() > 1e-3
+
+
+def _hidden_under_each_adapter(policy, switch):
+    x = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for name in (*policy.adapter_names, policy.adapter_names[0]):
+        switch(name)
+        with torch.no_grad():
+            out.setdefault(name, []).append(policy.hidden_states(x)[0])
+    return out
+
+
+def test_switching_adapters_computes_what_peft_set_adapter_does_and_keeps_every_adapter_trainable():
+    """PolicyModel.set_adapter sets the active adapter on each LoRA layer directly (peft's set_adapter walks every
+    module and freezes the inactive adapters): the same numbers as peft's switch, bit for bit, the same bookkeeping,
+    no requires_grad changed, and a graph built under one adapter still backpropagates into it after a switch."""
+    policy = with_nonzero_lora(tiny_policy(0, adapters=("agent", "opponent", "third")))
+    assert not policy._peft_switch
+    flags = {n: p.requires_grad for n, p in policy.named_parameters()}
+    ours = _hidden_under_each_adapter(policy, policy.set_adapter)
+    assert {n: p.requires_grad for n, p in policy.named_parameters()} == flags
+    for layer in policy._lora_layers:
+        assert layer.active_adapters == ["agent"]
+    assert policy.lm.active_adapter == "agent" and policy.lm.base_model.active_adapter == "agent"
+
+    theirs = _hidden_under_each_adapter(policy, policy.lm.set_adapter)
+    for name in policy.adapter_names:
+        for a, b in zip(ours[name], theirs[name]):
+            assert torch.equal(a, b)
+    assert (ours["agent"][0] - ours["opponent"][0]).abs().max() > 1e-3
+    assert torch.equal(ours["agent"][0], ours["agent"][1])
+
+    policy = with_nonzero_lora(tiny_policy(0, adapters=("agent", "opponent")))
+    x = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(2))
+    with policy.adapter("agent"):
+        loss = policy.hidden_states(x)[0].square().mean()
+    with policy.adapter("opponent"):
+        loss.backward()
+    assert all(p.grad is not None for p in policy.trainable_parameters("agent")[:-2])
+    assert all(p.grad is None for p in policy.trainable_parameters("opponent"))
+
+
+def test_adapters_with_extra_trainable_modules_switch_through_peft(tmp_path):
+    """An adapter saved with modules_to_save (whole modules trained beside LoRA) switches through peft, which also
+    swaps those modules."""
+    from peft import LoraConfig, get_peft_model
+
+    from ppo_core.testing import tiny_llama
+    folders = {}
+    for k, name in enumerate(("agent", "opponent")):
+        lm = get_peft_model(tiny_llama(seed=0), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                            modules_to_save=["lm_head"]))
+        with torch.no_grad():
+            for n, p in lm.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(k)) * 0.05)
+        lm.save_pretrained(tmp_path / name)
+        folders[name] = str(tmp_path / name)
+    policy = PolicyModel(tiny_llama(seed=0), adapters=("agent", "opponent"), adapter_paths=folders)
+    assert policy._peft_switch
+    x = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(3))
+
+    def logits_after(switch):
+        out = {}
+        for name in ("agent", "opponent", "agent"):
+            switch(name)
+            with torch.no_grad():
+                out.setdefault(name, []).append(policy.lm(input_ids=x).logits)
+        return out
+    ours = logits_after(policy.set_adapter)
+    assert all(p.requires_grad for n in policy.adapter_names for p in policy.trainable_parameters(n))
+    theirs = logits_after(policy.lm.set_adapter)
+    for name in ours:
+        for a, b in zip(ours[name], theirs[name]):
+            assert torch.equal(a, b)
+    assert (ours["agent"][0] - ours["opponent"][0]).abs().max() > 1e-3
