@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -151,10 +152,12 @@ class PolicyModel(nn.Module):
         prepare_frozen(lm)
         adapter_paths = adapter_paths or {}
         first = adapters[0]
-        if first in adapter_paths:
-            self.lm = PeftModel.from_pretrained(lm, adapter_paths[first], adapter_name=first, is_trainable=True)
-        else:
-            self.lm = get_peft_model(lm, lora.peft_config(), adapter_name=first)
+        with warnings.catch_warnings():  # peft reads a transformers property that warns of its own deprecation
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            if first in adapter_paths:
+                self.lm = PeftModel.from_pretrained(lm, adapter_paths[first], adapter_name=first, is_trainable=True)
+            else:
+                self.lm = get_peft_model(lm, lora.peft_config(), adapter_name=first)
         for name in adapters[1:]:
             if name in adapter_paths:
                 self.lm.load_adapter(adapter_paths[name], adapter_name=name, is_trainable=True)

@@ -238,3 +238,19 @@ def test_adapters_with_extra_trainable_modules_switch_through_peft(tmp_path):
         for a, b in zip(ours[name], theirs[name]):
             assert torch.equal(a, b)
     assert (ours["agent"][0] - ours["opponent"][0]).abs().max() > 1e-3
+
+
+def test_building_a_policy_passes_on_no_library_deprecation_warning(tmp_path):
+    """peft reads transformers' deprecated `is_gradient_checkpointing` while it wraps the model; a user of ppo_core
+    cannot act on that warning, so building a policy (new adapters, or saved ones) shows none."""
+    import warnings
+
+    from ppo_core.testing import tiny_llama
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        policy = PolicyModel(tiny_llama(0), adapters=("agent", "opponent"), lora=LoraSettings(r=4, alpha=8))
+        for name in policy.adapter_names:
+            save_adapter(policy, name, str(tmp_path / name))
+        PolicyModel(tiny_llama(0), adapters=("agent", "opponent"),
+                    adapter_paths={n: str(tmp_path / n) for n in ("agent", "opponent")})
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
