@@ -205,6 +205,7 @@ class PolicyModel(nn.Module):
 
     # -- adapters -------------------------------------------------------------------------------------------
     def set_adapter(self, name: str) -> None:
+        """Make adapter `name` the one every later forward pass uses (every adapter stays trainable)."""
         if name not in self.adapter_names:
             raise ValueError(f"adapter {name!r}: must be one of {', '.join(self.adapter_names)}")
         if name == self._active:
@@ -226,6 +227,7 @@ class PolicyModel(nn.Module):
 
     @contextlib.contextmanager
     def adapter(self, name: str):
+        """``with policy.adapter(name):`` runs the block with adapter `name`, then restores the previous one."""
         previous = self._active
         self.set_adapter(name)
         try:
