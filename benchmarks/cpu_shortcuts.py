@@ -147,7 +147,7 @@ def learner_switch() -> None:
     policy, _ = load_agent_model(RunConfig(opponent="llm").resolve(), init_seed=0)
     print(f"switching {len(policy._lora_layers)} LoRA layers to the other learner and back, median of 20:")
     for name, through_peft in (("peft set_adapter", True), ("PolicyModel.set_adapter", False)):
-        policy._peft_switch = through_peft
+        policy._through_peft = through_peft
 
         def there_and_back():
             policy.set_adapter("opponent")

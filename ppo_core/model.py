@@ -184,9 +184,10 @@ class PolicyModel(nn.Module):
         self._autocast = self.compute_dtype in (torch.bfloat16, torch.float16)
         from peft.tuners.lora import LoraLayer
         self._lora_layers = [m for m in self.lm.modules() if isinstance(m, LoraLayer)]
-        # Adapters that train whole modules or token rows beside LoRA keep peft's switch, which also swaps those.
-        self._peft_switch = any(getattr(c, "modules_to_save", None) or getattr(c, "trainable_token_indices", None)
-                                for c in self.lm.peft_config.values())
+        # Adapters that train whole modules or token rows beside LoRA switch (and switch off) through peft, which
+        # also swaps those; set_adapter() and reference() otherwise set only the LoRA layers' own state.
+        self._through_peft = any(getattr(c, "modules_to_save", None) or getattr(c, "trainable_token_indices", None)
+                                 for c in self.lm.peft_config.values())
         self._cast_holders: set = set()
         self._tree_supported: bool | None = None
         self.use_prompt_tree = True
@@ -198,9 +199,7 @@ class PolicyModel(nn.Module):
             else "past_key_values"
         for p in self.parameters():
             p.requires_grad_(False)
-        for name in adapters:
-            for p in self.trainable_parameters(name):
-                p.requires_grad_(True)
+        self._keep_adapters_trainable()
         self.eval()
 
     # -- adapters -------------------------------------------------------------------------------------------
@@ -210,11 +209,9 @@ class PolicyModel(nn.Module):
             raise ValueError(f"adapter {name!r}: must be one of {', '.join(self.adapter_names)}")
         if name == self._active:
             return
-        if self._peft_switch:
+        if self._through_peft:
             self.lm.set_adapter(name)
-            for other in self.adapter_names:  # peft freezes inactive adapters; graphs built earlier need them live
-                for p in self.trainable_parameters(other):
-                    p.requires_grad_(True)
+            self._keep_adapters_trainable()
         else:
             # What peft's set_adapter leaves behind, set directly: it walks every module twice and sets
             # requires_grad on every adapter weight (which we then had to undo): 15-20 ms per switch on SmolLM2's
@@ -242,6 +239,13 @@ class PolicyModel(nn.Module):
         # every module for a status report, and on exit resets requires_grad (freezing inactive adapters, whose kept
         # graphs need them live): 36-63 ms per use on SmolLM2's 210 LoRA layers against 0.6-1.1 ms for this
         # (`python -m benchmarks.cpu_shortcuts reference`).
+        if self._through_peft:
+            try:
+                with self.lm.disable_adapter():
+                    yield self
+            finally:
+                self._keep_adapters_trainable()
+            return
         previous = [layer._disable_adapters for layer in self._lora_layers]
         for layer in self._lora_layers:
             layer._disable_adapters = True
@@ -250,6 +254,12 @@ class PolicyModel(nn.Module):
         finally:
             for layer, disabled in zip(self._lora_layers, previous):
                 layer._disable_adapters = disabled
+
+    def _keep_adapters_trainable(self) -> None:
+        # peft's switches freeze the inactive adapters; graphs built earlier under them need them live.
+        for name in self.adapter_names:
+            for p in self.trainable_parameters(name):
+                p.requires_grad_(True)
 
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         """LoRA weights of adapter `name` followed by its value head, in a fixed order."""

@@ -20,7 +20,6 @@ def tiny_policy(seed: int = 0, adapters=("agent",), r: int = 8, lora_dropout: fl
                        value_head_dropout=value_head_dropout)
 
 
-
 def with_nonzero_lora(policy, seed: int = 0):
     """LoRA B starts at zero: random LoRA and value-head weights (every adapter, in order) make the adapters matter."""
     with torch.no_grad():

@@ -164,14 +164,20 @@ def test_reference_computes_what_peft_disable_adapter_does_and_leaves_requires_g
     assert (ours - adapted).abs().max() > 1e-3
 
 
-def _hidden_under_each_adapter(policy, switch):
-    x = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+def _under_each_adapter(policy, switch, compute):
+    """{adapter: [compute() after switch(adapter)]} for every adapter in turn, then the first one again."""
     out = {}
     for name in (*policy.adapter_names, policy.adapter_names[0]):
         switch(name)
         with torch.no_grad():
-            out.setdefault(name, []).append(policy.hidden_states(x)[0])
+            out.setdefault(name, []).append(compute())
     return out
+
+
+def _assert_same_outputs(ours, theirs):
+    for name in ours:
+        for a, b in zip(ours[name], theirs[name]):
+            assert torch.equal(a, b)
 
 
 def test_switching_adapters_computes_what_peft_set_adapter_does_and_keeps_every_adapter_trainable():
@@ -179,18 +185,17 @@ def test_switching_adapters_computes_what_peft_set_adapter_does_and_keeps_every_
     module and freezes the inactive adapters): the same numbers as peft's switch, bit for bit, the same bookkeeping,
     no requires_grad changed, and a graph built under one adapter still backpropagates into it after a switch."""
     policy = with_nonzero_lora(tiny_policy(0, adapters=("agent", "opponent", "third")))
-    assert not policy._peft_switch
+    assert not policy._through_peft
+    x = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     flags = {n: p.requires_grad for n, p in policy.named_parameters()}
-    ours = _hidden_under_each_adapter(policy, policy.set_adapter)
+    ours = _under_each_adapter(policy, policy.set_adapter, lambda: policy.hidden_states(x)[0])
     assert {n: p.requires_grad for n, p in policy.named_parameters()} == flags
     for layer in policy._lora_layers:
         assert layer.active_adapters == ["agent"]
     assert policy.lm.active_adapter == "agent" and policy.lm.base_model.active_adapter == "agent"
 
-    theirs = _hidden_under_each_adapter(policy, policy.lm.set_adapter)
-    for name in policy.adapter_names:
-        for a, b in zip(ours[name], theirs[name]):
-            assert torch.equal(a, b)
+    theirs = _under_each_adapter(policy, policy.lm.set_adapter, lambda: policy.hidden_states(x)[0])
+    _assert_same_outputs(ours, theirs)
     assert (ours["agent"][0] - ours["opponent"][0]).abs().max() > 1e-3
     assert torch.equal(ours["agent"][0], ours["agent"][1])
 
@@ -204,9 +209,10 @@ def test_switching_adapters_computes_what_peft_set_adapter_does_and_keeps_every_
     assert all(p.grad is None for p in policy.trainable_parameters("opponent"))
 
 
-def test_adapters_with_extra_trainable_modules_switch_through_peft(tmp_path):
-    """An adapter saved with modules_to_save (whole modules trained beside LoRA) switches through peft, which also
-    swaps those modules."""
+def test_adapters_with_extra_trainable_modules_switch_and_switch_off_through_peft(tmp_path):
+    """Adapters saved with modules_to_save (whole modules trained beside LoRA) switch, and switch off for the
+    reference, through peft, which also swaps those modules: the LoRA layers' own state alone would keep a trained
+    copy of the LM head in the reference pass."""
     from peft import LoraConfig, get_peft_model
 
     from ppo_core.testing import tiny_llama
@@ -221,23 +227,21 @@ def test_adapters_with_extra_trainable_modules_switch_through_peft(tmp_path):
         lm.save_pretrained(tmp_path / name)
         folders[name] = str(tmp_path / name)
     policy = PolicyModel(tiny_llama(seed=0), adapters=("agent", "opponent"), adapter_paths=folders)
-    assert policy._peft_switch
+    assert policy._through_peft
     x = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(3))
 
-    def logits_after(switch):
-        out = {}
-        for name in ("agent", "opponent", "agent"):
-            switch(name)
-            with torch.no_grad():
-                out.setdefault(name, []).append(policy.lm(input_ids=x).logits)
-        return out
-    ours = logits_after(policy.set_adapter)
+    def logits():
+        return policy.lm(input_ids=x).logits
+    ours = _under_each_adapter(policy, policy.set_adapter, logits)
     assert all(p.requires_grad for n in policy.adapter_names for p in policy.trainable_parameters(n))
-    theirs = logits_after(policy.lm.set_adapter)
-    for name in ours:
-        for a, b in zip(ours[name], theirs[name]):
-            assert torch.equal(a, b)
+    with torch.no_grad(), policy.reference():
+        reference = logits()
+    assert all(p.requires_grad for n in policy.adapter_names for p in policy.trainable_parameters(n))
+    theirs = _under_each_adapter(policy, policy.lm.set_adapter, logits)
+    _assert_same_outputs(ours, theirs)
     assert (ours["agent"][0] - ours["opponent"][0]).abs().max() > 1e-3
+    with torch.no_grad():
+        torch.testing.assert_close(reference, tiny_llama(seed=0)(input_ids=x).logits, rtol=0, atol=1e-6)
 
 
 def test_building_a_policy_passes_on_no_library_deprecation_warning(tmp_path):
