@@ -1,5 +1,7 @@
 """Cost of one no-grad forward pass of the embedded model by its token count, with the LoRA adapters (r=64) and with
 them off: the fixed part of a pass is why the prompt tree saves less time than tokens at --parallel-games 1.
+Then one frozen base product of the model (the first MLP up projection) by token count, forward and input gradient:
+from a few dozen tokens on it runs near this CPU's best rate; at one token it is bound by reading the weight.
 
     python -m benchmarks.forward_cost        (medians of 5 after one warm-up; the job's default dtype)
 """
@@ -26,6 +28,19 @@ def main() -> None:
             with policy.reference():
                 base = median_s(lambda: policy.hidden_states(ids))
         print(f"{length:>6} {lora:8.3f} {base:9.3f}")
+
+    weight = next(m.weight for name, m in policy.lm.named_modules() if name.endswith("mlp.up_proj.base_layer"))
+    N, K = weight.shape
+    print(f"\none frozen base product, {K} -> {N} ({weight.dtype}, {N * K * weight.element_size() / 2**20:.2f} MiB)")
+    print(f"{'tokens':>6} {'forward us':>10} {'GFLOP/s':>8} {'input grad us':>13} {'GFLOP/s':>8} {'weight read GB/s':>16}")
+    for tokens in (1, 8, 32, 64, 128, 231, 512):
+        x = torch.randn(tokens, K, dtype=weight.dtype)
+        grad_out = torch.randn(tokens, N, dtype=weight.dtype)
+        fwd = median_s(lambda: torch.nn.functional.linear(x, weight), n=51)
+        dx = median_s(lambda: grad_out @ weight, n=51)
+        flop = 2 * tokens * N * K
+        print(f"{tokens:>6} {fwd * 1e6:10.1f} {flop / fwd / 1e9:8.1f} {dx * 1e6:13.1f} {flop / dx / 1e9:8.1f} "
+              f"{weight.numel() * weight.element_size() / fwd / 1e9:16.1f}")
 
 
 if __name__ == "__main__":
