@@ -1,7 +1,8 @@
 """Cost of one no-grad forward pass of the embedded model by its token count, with the LoRA adapters (r=64) and with
 them off: the fixed part of a pass is why the prompt tree saves less time than tokens at --parallel-games 1.
 Then one frozen base product of the model (the first MLP up projection) by token count, forward and input gradient:
-from a few dozen tokens on it runs near this CPU's best rate; at one token it is bound by reading the weight.
+from about a hundred tokens on it runs near this CPU's best rate; at one token it is bound by reading the weight. Last,
+what all of a 231-token pass's base products would take at that product's 231-token rate.
 
     python -m benchmarks.forward_cost        (medians of 5 after one warm-up; the job's default dtype)
 """
@@ -11,14 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.bench import median_s
+from benchmarks.bench import Dims, median_s
 
 
 def main() -> None:
     from moral.agent import load_agent_model
     from moral.config import RunConfig
 
-    policy, _ = load_agent_model(RunConfig(episodes=1).resolve(), init_seed=0)
+    config = RunConfig(episodes=1).resolve()
+    policy, _ = load_agent_model(config, init_seed=0)
 
     print(f"{'tokens':>6} {'LoRA s':>8} {'no LoRA s':>9}   ({policy.compute_dtype})")
     for length in (1, 8, 32, 64, 128, 231):
@@ -31,17 +33,24 @@ def main() -> None:
 
     weight = next(m.weight for name, m in policy.lm.named_modules() if name.endswith("mlp.up_proj.base_layer"))
     N, K = weight.shape
-    print(f"\none frozen base product, {K} -> {N} ({weight.dtype}, {N * K * weight.element_size() / 2**20:.2f} MiB)")
+    weight_bytes = weight.numel() * weight.element_size()
+    print(f"\none frozen base product, {K} -> {N} ({weight.dtype}, {weight_bytes / 2**20:.2f} MiB)")
     print(f"{'tokens':>6} {'forward us':>10} {'GFLOP/s':>8} {'input grad us':>13} {'GFLOP/s':>8} {'weight read GB/s':>16}")
+    rate = {}
     for tokens in (1, 8, 32, 64, 128, 231, 512):
         x = torch.randn(tokens, K, dtype=weight.dtype)
         grad_out = torch.randn(tokens, N, dtype=weight.dtype)
         fwd = median_s(lambda: torch.nn.functional.linear(x, weight), n=51)
         dx = median_s(lambda: grad_out @ weight, n=51)
         flop = 2 * tokens * N * K
+        rate[tokens] = flop / fwd
         print(f"{tokens:>6} {fwd * 1e6:10.1f} {flop / fwd / 1e9:8.1f} {dx * 1e6:13.1f} {flop / dx / 1e9:8.1f} "
-              f"{weight.numel() * weight.element_size() / fwd / 1e9:16.1f}")
+              f"{weight_bytes / fwd / 1e9:16.1f}")
 
+    dims = Dims.from_config(policy.config, config.lora_rank)
+    base_flop = 2 * 231 * dims.layers * dims.p_lin
+    print(f"\na 231-token pass's base products: {base_flop / 1e9:.1f} GFLOP, {base_flop / rate[231]:.3f} s at the "
+          f"231-token rate above")
 
 if __name__ == "__main__":
     main()
