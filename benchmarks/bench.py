@@ -53,10 +53,73 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
+def cpu_isa() -> str:
+    """The widest matrix instructions torch can use on this CPU: amx, avx512-bf16, avx512, avx2 or '' (unknown).
+    Machines sold under one model name differ here, and with it the fastest dtype and every timing."""
+    checks = (("amx", "_is_amx_tile_supported"), ("avx512-bf16", "_is_avx512_bf16_supported"),
+              ("avx512", "_is_avx512_supported"), ("avx2", "_is_avx2_supported"))
+    for name, check in checks:
+        try:
+            if getattr(torch.cpu, check)():
+                return name
+        except AttributeError:
+            continue
+    return ""
+
+
 def results_file(device: torch.device, suffix: str = "") -> str:
-    """File name of a device's results: cpu-<cpu model>.json, cuda-<gpu name>.json."""
+    """File name of a device's results: cpu-<cpu model>-<cpu_isa>.json, cuda-<gpu name>.json."""
     device = torch.device(device)
-    return f"{device.type}-{slug(device_name(device))}{suffix}.json"
+    name = device_name(device) + (f" {cpu_isa()}" if device.type == "cpu" else "")
+    return f"{device.type}-{slug(name)}{suffix}.json"
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """Seconds since boot: wall clock, CPU time all processes spent busy and lost to the hypervisor (steal), summed
+    over cores (from /proc/stat), and CPU time of this process and its waited-for children."""
+    wall: float
+    busy: float
+    steal: float
+    own: float
+
+
+def cpu_times() -> CpuTimes | None:
+    """Now's CpuTimes, or None where /proc/stat cannot be read (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    own = os.times()
+    return CpuTimes(wall=time.monotonic(), busy=(user + nice + system + irq + softirq) / tick, steal=steal / tick,
+                    own=own.user + own.system + own.children_user + own.children_system)
+
+
+def cpu_load_between(start: CpuTimes | None, end: CpuTimes | None) -> dict:
+    """What else used the CPU between two CpuTimes, in cores kept busy on average: other processes, and the
+    hypervisor's steal (time this virtual machine was ready to run but not given a core). {} if unknown."""
+    if start is None or end is None or end.wall <= start.wall:
+        return {}
+    wall = end.wall - start.wall
+    return {"other_processes_cores": round(max(0.0, (end.busy - start.busy) - (end.own - start.own)) / wall, 3),
+            "steal_cores": round((end.steal - start.steal) / wall, 3), "over_s": round(wall, 1)}
+
+
+IDLE_BELOW_CORES = 0.1
+"""Other processes using less than a tenth of a core on average: the machine counts as idle."""
+
+
+def load_note(load: dict) -> str:
+    """One line for a results file saying whether the measurements had the machine to themselves."""
+    if not load:
+        return "machine load unknown (no /proc/stat)"
+    others, steal = load["other_processes_cores"], load["steal_cores"]
+    words = (f"machine idle (other processes used {others:.2f} cores on average)" if others < IDLE_BELOW_CORES
+             else f"measured under load (other processes used {others:.2f} cores on average)")
+    return words + (f"; the hypervisor withheld {steal:.2f} cores (steal)" if steal >= 0.01 else "")
 
 
 def _version(module: str) -> str | None:
@@ -74,7 +137,7 @@ def environment(device: torch.device, compute_dtype: torch.dtype | None = None) 
         "compute_dtype": str(compute_dtype).replace("torch.", "") if compute_dtype is not None else None,
         "python": sys.version.split()[0], "torch": torch.__version__, "transformers": _version("transformers"),
         "peft": _version("peft"), "bitsandbytes": _version("bitsandbytes"), "accelerate": _version("accelerate"),
-        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "cpu_isa": cpu_isa(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -170,8 +233,10 @@ def free_memory(device: torch.device | None = None) -> None:
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype, size: int | None = None) -> dict:
-    """The two ceilings of the floor: one large matrix product in the compute dtype (FLOP/s) and one large
-    device-to-device copy (bytes read + written per second); medians of timed repeats after warm-up, random data."""
+    """The two ceilings of the floor: one large matrix product in the compute dtype, laid out as in nn.Linear
+    (FLOP/s), and one large device-to-device copy (bytes read + written per second); medians of timed repeats after
+    warm-up, random data. (The layout matters on CPUs without native bf16: a bf16 `a @ b` there runs at about 1
+    GFLOP/s, `a @ b.T` at 15-20.)"""
     device = torch.device(device)
     clock = Clock(device)
     n = size or (8192 if device.type == "cuda" else 1024)
@@ -199,7 +264,7 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, size: int | None 
                 times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    mm_s = timed(lambda: a @ b)
+    mm_s = timed(lambda: torch.nn.functional.linear(a, b))
     del a, b
     count = (2 ** 30 if device.type == "cuda" else 2 ** 26) // 4
     src = torch.rand(count, device=device, generator=g)
@@ -659,7 +724,8 @@ def render_results(data: dict, title: str = "results") -> str:
     """Markdown tables of one results file (CPU cases or GPU models)."""
     env = data.get("environment", {})
     lines = [f"### {title}", "",
-             f"{env.get('device_name')} · torch {env.get('torch')} · transformers {env.get('transformers')} · "
+             f"{env.get('device_name')}{' (' + env['cpu_isa'] + ')' if env.get('cpu_isa') else ''} · "
+             f"torch {env.get('torch')} · transformers {env.get('transformers')} · "
              f"peft {env.get('peft')} · bitsandbytes {env.get('bitsandbytes')} · "
              + (f"compute dtype {env['compute_dtype']} · " if env.get("compute_dtype") else "")
              + f"threads {env.get('torch_threads')} · load average {env.get('loadavg_1_5_15')}"

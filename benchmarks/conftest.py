@@ -1,7 +1,7 @@
 """Benchmark options and shared fixtures.
 
 `pytest benchmarks/` runs the CPU half (tiny model, embedded SmolLM2-135M-Instruct, the main job's episode, and a dry
-run of the GPU code path on a tiny Gemma-2) and records results in benchmarks/results/cpu-<cpu>.json.
+run of the GPU code path on a tiny Gemma-2) and records results in benchmarks/results/cpu-<cpu>-<isa>.json.
 `pytest benchmarks/ --gpu` runs the CUDA half instead (Gemma-2 architectures, random weights, 4-bit) and records
 benchmarks/results/cuda-<gpu>.json. Neither half is part of `pytest tests` (testpaths = tests).
 """
@@ -71,9 +71,9 @@ def bench_threads(request):
 
 @pytest.fixture(scope="session")
 def cpu_record(request):
-    """Collects CPU cases; at the end of the session they are merged into <bench-out>/cpu-<cpu name>.json."""
+    """Collects CPU cases; at the end of the session they are merged into <bench-out>/cpu-<cpu name>-<isa>.json."""
     cases = {}
-    start_load = [round(x, 2) for x in os.getloadavg()]
+    start_load, start_times = [round(x, 2) for x in os.getloadavg()], bench.cpu_times()
     yield cases
     if not cases:
         return
@@ -81,9 +81,10 @@ def cpu_record(request):
     env = bench.environment(device)
     env["loadavg_at_start_1_5_15"] = start_load
     env["nice"] = os.nice(0)
+    load = bench.cpu_load_between(start_times, bench.cpu_times())
+    env["cpu_load"] = load
     header = {"suite": "cpu", "command": command_line(request.config), "environment": env,
-              "note": "measured under load (other processes were using the CPU)"
-              if start_load[0] > 0.5 * os.cpu_count() else "machine idle when the session started"}
+              "note": bench.load_note(load)}
     path = os.path.join(request.config.getoption("--bench-out"), bench.results_file(device))
     bench.merge_cases(path, header, cases)
     sys.stdout.write(f"\nCPU benchmark results: {path}\n")

@@ -194,6 +194,8 @@ def train(argv: list[str], prog: str = PROG) -> None:
                 raise
             usage_error(f"--model {config.model!r} cannot be loaded: {str(exc).splitlines()[0][:300]}")
         print(f"run folder: {folder}", flush=True)
+        if config.speed_note():
+            print(config.speed_note(), flush=True)
         summary = run.train()
     except UsageError as exc:
         usage_error(str(exc))

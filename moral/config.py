@@ -209,6 +209,16 @@ class RunConfig:
         return self.with_derived(answer_prefix=answer_prefix, gen_len=plan.gen_len,
                                  action_token_ids=tuple(plan.action_ids))
 
+    def speed_note(self) -> str | None:
+        """One line for the console when the resolved settings run far slower than this machine's default: bf16 on
+        a CPU without bf16 instructions, where torch emulates it (measured in benchmarks/RESULTS.md)."""
+        from ppo_core.model import cpu_has_native_bf16
+        if self.device == "cpu" and self.dtype == "bf16" and not cpu_has_native_bf16():
+            return ("note: --dtype bf16 on a CPU without bf16 instructions runs emulated, far slower than fp32 (a PPO "
+                    "step of the embedded model: about 100 s against 4 s on a 2-core AVX2 machine); without "
+                    "--dtype this CPU uses fp32")
+        return None
+
     @property
     def phases(self) -> tuple[Phase, ...]:
         return self.derived.phases

@@ -66,3 +66,17 @@ def test_a_successful_run_writes_nothing_to_stderr(tmp_path, tiny_chat_model_dir
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("run folder:"), proc.stderr[-2000:]
     assert proc.stderr == ""
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_says_so_once(tmp_path, tiny_chat_model_dir, monkeypatch, capsys):
+    import ppo_core.model
+    args = ["--reward", "deont", "--model", tiny_chat_model_dir, "--episodes", "1", "--lora-rank", "4",
+            "--format-aid", "prefix", "--device", "cpu", "--no-progress"]
+    monkeypatch.setattr(ppo_core.model, "cpu_has_native_bf16", lambda: False)
+    cli.main([*args, "--dtype", "bf16", "--out", str(tmp_path / "bf16")])
+    assert capsys.readouterr().out.count("--dtype bf16 on a CPU without bf16 instructions") == 1
+    cli.main([*args, "--out", str(tmp_path / "default")])  # fp32 by default there: nothing to say
+    assert "bf16 instructions" not in capsys.readouterr().out
+    monkeypatch.setattr(ppo_core.model, "cpu_has_native_bf16", lambda: True)
+    cli.main([*args, "--dtype", "bf16", "--out", str(tmp_path / "native")])
+    assert "bf16 instructions" not in capsys.readouterr().out
