@@ -50,7 +50,7 @@ def test_smollm2_generation_call_and_ppo_step(dtype_name, smollm2_path, cpu_reco
     from ppo_core import LoraSettings, PolicyModel, PPOTrainer, load_causal_lm
 
     if dtype_name == "bf16" and not cpu_has_native_bf16():
-        pytest.skip("no bf16 instructions on this CPU: bf16 runs emulated (a PPO step here 96-105 s against 2.9-4.8 s "
+        pytest.skip("no bf16 instructions on this CPU: bf16 runs emulated (a PPO step 96-105 s against 3-5 s "
                     "in fp32 on an AVX2-only EPYC, benchmarks/RESULTS.md), and the job uses fp32")
     dtype = DTYPES[dtype_name]
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
