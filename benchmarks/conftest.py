@@ -24,6 +24,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-out", default=bench.RESULTS_DIR, help="folder of the results JSON files")
     group.addoption("--bench-threads", type=int, default=None,
                     help="torch CPU threads for the CPU benchmarks (default: torch's default)")
+    group.addoption("--bench-emulated-bf16", action="store_true", default=False,
+                    help="run the bf16 SmolLM2 case on CPUs without bf16 instructions too (emulated: about 8 min)")
     group.addoption("--bench-quick", action="store_true", default=False,
                     help="fewer episodes per GPU case (1 warm-up + 2 measured)")
 

@@ -42,16 +42,18 @@ def game_prompts(n: int, rng: random.Random) -> list[str]:
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_smollm2_generation_call_and_ppo_step(dtype_name, smollm2_path, cpu_record):
+def test_smollm2_generation_call_and_ppo_step(dtype_name, smollm2_path, cpu_record, request):
     from transformers import AutoTokenizer
 
     from games import TOKEN_SETS
     from moral.agent import Codec, decide
     from ppo_core import LoraSettings, PolicyModel, PPOTrainer, load_causal_lm
 
-    if dtype_name == "bf16" and not cpu_has_native_bf16():
-        pytest.skip("no bf16 instructions on this CPU: bf16 runs emulated (a PPO step 96-105 s against 3-5 s "
-                    "in fp32 on an AVX2-only EPYC, benchmarks/RESULTS.md), and the job uses fp32")
+    emulated = dtype_name == "bf16" and not cpu_has_native_bf16()
+    if emulated and not request.config.getoption("--bench-emulated-bf16"):
+        pytest.skip("no bf16 instructions on this CPU: bf16 runs emulated (a PPO step 94-105 s against 3-5 s "
+                    "in fp32 on an AVX2-only EPYC, benchmarks/RESULTS.md), and the job uses fp32; "
+                    "--bench-emulated-bf16 runs it anyway")
     dtype = DTYPES[dtype_name]
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
     codec = Codec(tokenizer, TOKEN_SETS["action12"], "prefix")
@@ -81,8 +83,9 @@ def test_smollm2_generation_call_and_ppo_step(dtype_name, smollm2_path, cpu_reco
             for k, v in stats.items():
                 if k.startswith("time/ppo/"):
                     host[k].append(v)
+    bounds = MAX_S_EMULATED_BF16 if emulated else MAX_S
     for what, values in (("generation_call", gen), ("ppo_step", step)):
-        assert bench.med(values) < MAX_S[what][dtype_name], (what, values)
+        assert bench.med(values) < bounds[what][dtype_name], (what, values)
     cpu_record[f"smollm2_{dtype_name}"] = {
         "model": "SmolLM2-135M-Instruct (embedded)", "dtype": dtype_name, "lora_r": 64, "queries": 5,
         "query_len": sorted(lengths), "answer_prefix": codec.answer_prefix, "gen_len": codec.plan.gen_len,
@@ -96,6 +99,9 @@ def test_smollm2_generation_call_and_ppo_step(dtype_name, smollm2_path, cpu_reco
 # makes the job several times slower fails here, machine noise does not.
 MAX_S = {"generation_call": {"fp32": 10.0, "bf16": 3.0}, "ppo_step": {"fp32": 12.0, "bf16": 6.0},
          "episode": {"fp32": 25.0, "bf16": 9.0}}
+# bf16 emulated on a CPU without bf16 instructions (--bench-emulated-bf16): about 4x the AVX2-only EPYC's figures
+# (generation calls 9.3-11.6 s, PPO steps 94-105 s, three runs, 2026-12-02).
+MAX_S_EMULATED_BF16 = {"generation_call": {"bf16": 45.0}, "ppo_step": {"bf16": 400.0}}
 
 
 @pytest.mark.parametrize("dtype_name", [None, "fp32"], ids=["job-default-dtype", "fp32"])

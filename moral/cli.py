@@ -194,8 +194,9 @@ def train(argv: list[str], prog: str = PROG) -> None:
                 raise
             usage_error(f"--model {config.model!r} cannot be loaded: {str(exc).splitlines()[0][:300]}")
         print(f"run folder: {folder}", flush=True)
-        if config.speed_note():
-            print(config.speed_note(), flush=True)
+        note = config.speed_note()
+        if note:
+            print(note, flush=True)
         summary = run.train()
     except UsageError as exc:
         usage_error(str(exc))

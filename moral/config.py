@@ -211,7 +211,8 @@ class RunConfig:
 
     def speed_note(self) -> str | None:
         """One line for the console when the resolved settings run far slower than this machine's default: bf16 on
-        a CPU without bf16 instructions, where torch emulates it (measured in benchmarks/RESULTS.md)."""
+        a CPU without bf16 instructions, where torch emulates it (measured with `pytest
+        benchmarks/test_cpu_smollm2.py --bench-emulated-bf16`; benchmarks/RESULTS.md)."""
         from ppo_core.model import cpu_has_native_bf16
         if self.device == "cpu" and self.dtype == "bf16" and not cpu_has_native_bf16():
             return ("note: --dtype bf16 on a CPU without bf16 instructions runs emulated, far slower than fp32 (a PPO "
