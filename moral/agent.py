@@ -7,6 +7,9 @@ appends the tokens that both action strings start with, so that only the disting
 
 from __future__ import annotations
 
+import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 
 import torch
@@ -133,9 +136,7 @@ def load_agent_model(config, adapter_paths: dict[str, str] | None = None, init_s
 
     from ppo_core import LoraSettings, PolicyModel, load_causal_lm
 
-    from .embedded import EMBEDDED_MODEL, ensure_embedded_model
-
-    path = ensure_embedded_model() if config.model == EMBEDDED_MODEL else config.model
+    path = model_source(config.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     dtype = DTYPES[config.dtype]
     lm = load_causal_lm(path, quantize=config.quantize, device=config.device, dtype=dtype)
@@ -145,3 +146,51 @@ def load_agent_model(config, adapter_paths: dict[str, str] | None = None, init_s
         torch.manual_seed(init_seed)
     policy = PolicyModel(lm, adapters=adapters, lora=lora, adapter_paths=adapter_paths, compute_dtype=dtype)
     return policy, tokenizer
+
+
+class ModelUnavailable(ValueError):
+    """A model that cannot be loaded from anywhere: not a folder, not in the local cache, and the Hub unreachable."""
+
+
+HUB_PROBE_TIMEOUT_S = 3.0
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def model_source(model: str) -> str:
+    """The folder or Hugging Face Hub id to load `model` from: the embedded model's converted folder, a local folder
+    as given, or a Hub id. When the Hub cannot be reached, huggingface_hub is switched to offline mode for this
+    process and its children, so the id loads from the local cache at once (instead of about 23 s of retries per
+    file, each with a warning line); an id that is not in the cache then raises ModelUnavailable naming it."""
+    from .embedded import EMBEDDED_MODEL, ensure_embedded_model
+
+    if model == EMBEDDED_MODEL:
+        return ensure_embedded_model()
+    if os.path.isdir(model):
+        return model
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else None
+    if offline is None and hub_reachable() is False:
+        offline = f"{urllib.parse.urlsplit(constants.ENDPOINT).hostname} cannot be reached"
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True  # read at import time; is_offline_mode() reads this attribute
+    if offline and not isinstance(try_to_load_from_cache(model, "config.json"), str):
+        raise ModelUnavailable(f"{model!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                               f"{offline}")
+    return model
+
+
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool | None:
+    """Whether a TCP connection to the Hugging Face Hub's endpoint (HF_ENDPOINT) opens within timeout_s; None (not
+    probed) behind a proxy, whose route a direct connection says nothing about."""
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return None
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True

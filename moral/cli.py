@@ -160,7 +160,8 @@ def _new_run_folder(args, config) -> str:
     folder = args.out or os.path.join(
         "runs", f"{config.reward.replace(':', '').replace(',', '_')}-{config.opponent}-seed{config.seed}-"
                 f"{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.exists(folder) and os.listdir(folder):
+    from .runio import LOCK_FILE
+    if os.path.exists(folder) and set(os.listdir(folder)) - {LOCK_FILE}:  # a lock alone: a set-up that failed
         usage_error(f"--out {folder}: the folder exists; continue it with --resume {folder} or choose another --out")
     try:
         os.makedirs(folder, exist_ok=True)
@@ -174,6 +175,7 @@ def _new_run_folder(args, config) -> str:
 
 
 def train(argv: list[str], prog: str = PROG) -> None:
+    from .agent import ModelUnavailable
     from .config import RunConfig, UsageError
     from .finetune import FineTuning, Interrupted, RunError
     from .summary import format_summary
@@ -189,6 +191,8 @@ def train(argv: list[str], prog: str = PROG) -> None:
         quiet_libraries()
         try:
             run = FineTuning(config, folder, resume=resume, progress=not args.no_progress)
+        except ModelUnavailable as exc:
+            usage_error(f"--model {exc}")
         except (OSError, ValueError) as exc:
             if isinstance(exc, UsageError):
                 raise
@@ -240,6 +244,7 @@ def eval_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 
 def evaluate(argv: list[str], prog: str = PROG) -> None:
+    from .agent import ModelUnavailable
     from .evaluate import EvalConfig, evaluate as run_eval
 
     args = eval_parser(prog).parse_args(argv)
@@ -262,6 +267,8 @@ def evaluate(argv: list[str], prog: str = PROG) -> None:
     for run in [r for r in args.runs if r not in sweeps]:
         try:
             metrics = run_eval(run, cfg, device=args.device, threads=args.threads, progress=not args.no_progress)
+        except ModelUnavailable as exc:
+            usage_error(f"{run}: the run's model {exc}")
         except ValueError as exc:
             usage_error(str(exc))
         print(f"{run}: {metrics['decisions']} decisions in {metrics['wall_s']:.0f} s -> {run}/eval/")

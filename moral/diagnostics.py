@@ -14,7 +14,7 @@ import torch
 
 from games import GAMES, C, D, get_tokens, structured_prompt
 
-from .agent import Codec
+from .agent import Codec, model_source
 
 
 def training_queries(codec: Codec, tokens) -> tuple[list, list[torch.Tensor]]:
@@ -47,13 +47,13 @@ def main(argv=None) -> None:
 
     from ppo_core import LoraSettings, PolicyModel, load_causal_lm
 
-    from .embedded import EMBEDDED_MODEL, ensure_embedded_model
+    from .embedded import EMBEDDED_MODEL
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=EMBEDDED_MODEL)
     p.add_argument("--tokens", default="action12")
     args = p.parse_args(argv)
-    path = ensure_embedded_model() if args.model == EMBEDDED_MODEL else args.model
+    path = model_source(args.model)
     policy = PolicyModel(load_causal_lm(path), adapters=("agent",), lora=LoraSettings(r=1))  # LoRA B = 0: the base
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokens = get_tokens(args.tokens)

@@ -131,6 +131,9 @@ class FolderLocked(RuntimeError):
     """Another live process holds the folder's lock; the message names it."""
 
 
+LOCK_FILE = ".lock"
+
+
 class FolderLock:
     """An exclusive lock on a folder while one process writes it: `FOLDER/.lock`, held with flock(2).
 
@@ -140,7 +143,7 @@ class FolderLock:
 
     def __init__(self, folder: str, what: str = "run"):
         self.folder, self.what, self.fd = folder, what, None
-        self.path = os.path.join(folder, ".lock")
+        self.path = os.path.join(folder, LOCK_FILE)
 
     def acquire(self, holder: str | None = None) -> "FolderLock":
         """Take the lock or raise FolderLocked naming the holder; writes this process into the lock file."""

@@ -270,8 +270,10 @@ class PolicyModel(nn.Module):
         return self._trainable[name]
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s weights in peft's layout. The vocabulary is never resized here, so the embedding layers
+        are not saved (peft's "auto" would ask the Hub for the base model's config at every save)."""
         from peft import get_peft_model_state_dict
-        return get_peft_model_state_dict(self.lm, adapter_name=name)
+        return get_peft_model_state_dict(self.lm, adapter_name=name, save_embedding_layers=False)
 
     # -- forward pieces --------------------------------------------------------------------------------------
     @property

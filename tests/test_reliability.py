@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -234,13 +235,79 @@ def test_unwritable_out_folder_and_corrupt_checkpoint(tmp_path, tiny_chat_model_
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_model_that_cannot_be_loaded_offline(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every host name lookup fails (as on a node without internet); the list counts the lookups. huggingface_hub
+    starts in online mode, and its offline switch is put back after the test."""
+    from huggingface_hub import constants
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    lookups = []
+
+    def fail(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", fail)
+    return lookups
+
+
+def test_a_model_id_without_network_or_cache_fails_at_once_in_one_line(tmp_path, monkeypatch, capsys, no_network):
+    """No retries against the unreachable Hub (one probe, where huggingface_hub alone looked the host up six times
+    per file, about 23 s, with a warning line each), and the --out folder can be used again afterwards."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    out = tmp_path / "run"
     with pytest.raises(SystemExit) as info:
-        cli.main(["--model", "google/gemma-2-2b-it", "--out", str(tmp_path / "run"), "--no-progress"])
+        cli.main(["--model", "google/gemma-2-2b-it", "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err
-    assert info.value.code == 2 and "--model 'google/gemma-2-2b-it' cannot be loaded" in err
-    assert len(err.strip().splitlines()) == 1
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--model 'google/gemma-2-2b-it' is not in the local Hugging Face cache" in err
+    assert "huggingface.co cannot be reached" in err
+    assert no_network == ["huggingface.co"]
     # a failed set-up gives the signals back (FineTuning installs its handlers before loading the model)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # the failed set-up left only its lock: the same --out is a new run folder, not "exists, --resume it"
+    assert os.listdir(out) == [".lock"]
+    with pytest.raises(SystemExit):
+        cli.main(["--model", "google/gemma-2-2b-it", "--out", str(out), "--no-progress"])
+    assert "the folder exists" not in capsys.readouterr().err
+
+
+def test_a_cached_model_id_loads_from_the_cache_without_network(tmp_path, monkeypatch, no_network,
+                                                                 tiny_chat_model_dir):
+    """A Hub id in the local cache trains with the Hub unreachable: one probe, then not one more lookup."""
+    import shutil
+
+    from huggingface_hub import constants
+    cache = tmp_path / "hub"
+    revision = "0" * 40
+    snapshot = cache / "models--someone--tiny-chat" / "snapshots" / revision
+    shutil.copytree(tiny_chat_model_dir, snapshot)
+    (cache / "models--someone--tiny-chat" / "refs").mkdir()
+    (cache / "models--someone--tiny-chat" / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    out = tmp_path / "run"
+    cli.main(["--model", "someone/tiny-chat", "--episodes", "1", "--lora-rank", "4", "--format-aid", "prefix",
+              "--threads", "1", "--out", str(out), "--no-progress"])
+    assert os.path.isfile(out / "summary.json")
+    assert no_network == ["huggingface.co"]
+
+
+def test_offline_mode_or_a_proxy_means_no_probe(tmp_path, monkeypatch, no_network):
+    from huggingface_hub import constants
+
+    from moral.agent import ModelUnavailable, hub_reachable, model_source
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub_reachable() is None  # a direct connection says nothing about the route through a proxy
+    monkeypatch.delenv("HTTPS_PROXY")
+    assert hub_reachable() is False and no_network == ["huggingface.co"]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelUnavailable, match="offline mode is on"):
+        model_source("someone/not-cached")
+    assert no_network == ["huggingface.co"]  # offline mode set by the user: no probe
+    assert model_source(str(tmp_path)) == str(tmp_path)  # a folder is a folder
