@@ -194,6 +194,10 @@ class RunConfig:
         except TrackerUnavailable as exc:
             raise UsageError(str(exc)) from None
         steps = self.steps or (3 if self.opponent == LLM else 5)
+        if steps * self.parallel_games < 2:
+            raise UsageError(f"--batch-size {steps}: a PPO batch needs at least 2 samples (its scores are scaled by "
+                             f"their running std and its advantages whitened); use --batch-size 2 or more, or "
+                             f"--parallel-games 2 or more")
         resolved = dataclasses.replace(
             self, episodes=sum(p.episodes for p in phases), steps=steps, format_aid=format_aid, device=str(device),
             quantize=quantize, dtype=dtype,

@@ -124,6 +124,9 @@ class PPOConfig:
             fail("kl_penalty", f"must be one of {', '.join(KL_PENALTIES)}")
         if self.use_score_norm and not self.use_score_scaling:
             fail("use_score_norm", "has no effect without use_score_scaling=True")
+        if self.use_score_scaling and self.batch_size < 2:
+            fail("batch_size", "must be >= 2 with use_score_scaling=True (the running std of the scores needs two "
+                               "scores in the first batch)")
         if self.batch_size % self.backward_batch_size:
             fail("batch_size", f"must be divisible by mini_batch_size x gradient_accumulation_steps "
                                f"= {self.mini_batch_size} x {self.gradient_accumulation_steps} "

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from moral import cli
+from moral.config import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,3 +81,15 @@ def test_bf16_on_a_cpu_without_bf16_instructions_says_so_once(tmp_path, tiny_cha
     monkeypatch.setattr(ppo_core.model, "cpu_has_native_bf16", lambda: True)
     cli.main([*args, "--dtype", "bf16", "--out", str(tmp_path / "native")])
     assert "bf16 instructions" not in capsys.readouterr().out
+
+
+
+def test_a_batch_of_one_sample_is_one_line_before_the_model_loads(tmp_path, capsys):
+    """One step of one game cannot scale its score by a running std or whiten its advantages: exit 2 in one line
+    (it was the trainer's ZeroDivisionError traceback at the first update); two games of one step are enough."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--batch-size", "1", "--model", str(tmp_path / "never-loaded"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--batch-size 1: a PPO batch needs at least 2 samples" in err
+    assert RunConfig(steps=1, parallel_games=2).resolve().derived.batch_size == 2

@@ -26,6 +26,7 @@ def test_trl_defaults():
     ({"lam": -0.1}, "lam", "[0, 1]"),
     ({"kl_penalty": "k4"}, "kl_penalty", "one of"),
     ({"use_score_norm": True}, "use_score_norm", "use_score_scaling"),
+    ({"batch_size": 1, "mini_batch_size": 1, "use_score_scaling": True}, "batch_size", "two scores"),
     ({"score_clip": 0.0}, "score_clip", "> 0"),
     ({"max_grad_norm": -1}, "max_grad_norm", "> 0"),
     ({"ppo_epochs": 2.0}, "ppo_epochs", "integer"),
