@@ -158,15 +158,17 @@ PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 def model_source(model: str) -> str:
     """The folder or Hugging Face Hub id to load `model` from: the embedded model's converted folder, a local folder
-    as given, or a Hub id. When the Hub cannot be reached, huggingface_hub is switched to offline mode for this
+    (~ expanded; a path that is not a folder raises ModelUnavailable), or a Hub id. When the Hub cannot be reached, huggingface_hub is switched to offline mode for this
     process and its children, so the id loads from the local cache at once (instead of about 23 s of retries per
     file, each with a warning line); an id that is not in the cache then raises ModelUnavailable naming it."""
     from .embedded import EMBEDDED_MODEL, ensure_embedded_model
 
     if model == EMBEDDED_MODEL:
         return ensure_embedded_model()
-    if os.path.isdir(model):
-        return model
+    if os.path.isdir(os.path.expanduser(model)):
+        return os.path.expanduser(model)
+    if is_folder_path(model):
+        raise ModelUnavailable(f"{model!r}: no such folder (give a Hugging Face Hub id or a model folder)")
     from huggingface_hub import constants, try_to_load_from_cache
 
     offline = "offline mode is on (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else None
@@ -178,6 +180,11 @@ def model_source(model: str) -> str:
         raise ModelUnavailable(f"{model!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
                                f"{offline}")
     return model
+
+
+def is_folder_path(model: str) -> bool:
+    """Whether `model` is written as a path (from /, ./, ../ or ~) rather than as a Hugging Face Hub id."""
+    return model.startswith(("/", "./", "../", "~"))
 
 
 def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool | None:

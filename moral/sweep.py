@@ -181,8 +181,9 @@ def plan(path: str, out: str) -> list[RunSpec]:
             raise GridError(f"grid runs ({names[name]}) and ({where}) would share the folder name {name}")
         names[name] = where
         specs.append(RunSpec(name, argv, chosen, config))
+    from .agent import is_folder_path
     for model in sorted({s.config.model for s in specs}):
-        if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
+        if is_folder_path(model) and not os.path.isdir(os.path.expanduser(model)):
             raise GridError(f"model = {model!r}: no such folder (give a Hugging Face id or a model folder)")
     for spec in specs:
         _check_existing(spec, os.path.join(out, "runs", spec.name))

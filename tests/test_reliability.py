@@ -311,3 +311,15 @@ def test_offline_mode_or_a_proxy_means_no_probe(tmp_path, monkeypatch, no_networ
         model_source("someone/not-cached")
     assert no_network == ["huggingface.co"]  # offline mode set by the user: no probe
     assert model_source(str(tmp_path)) == str(tmp_path)  # a folder is a folder
+
+def test_a_model_path_is_a_folder_or_one_line_and_never_a_hub_lookup(tmp_path, monkeypatch, capsys, no_network):
+    from moral.agent import model_source
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    assert model_source("~/models/mine") == str(tmp_path / "models" / "mine")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--model '{tmp_path / 'missing'}': no such folder" in err
+    assert no_network == []
