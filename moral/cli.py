@@ -75,6 +75,18 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def require_writable(folder: str, option: str = "--out") -> None:
+    """Create `folder` and check that a file can be written there, or one line naming it (exit 2)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as exc:
+        usage_error(f"{option} {folder}: cannot write there ({exc.strerror or exc})".lstrip())
+
+
 def require_run_folders(folders: list[str]) -> None:
     for run in folders:
         if not os.path.isfile(os.path.join(run, "config.json")):
@@ -163,14 +175,7 @@ def _new_run_folder(args, config) -> str:
     from .runio import LOCK_FILE
     if os.path.exists(folder) and set(os.listdir(folder)) - {LOCK_FILE}:  # a lock alone: a set-up that failed
         usage_error(f"--out {folder}: the folder exists; continue it with --resume {folder} or choose another --out")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as exc:
-        usage_error(f"--out {folder}: cannot write there ({exc.strerror or exc})")
+    require_writable(folder)
     return folder
 
 
@@ -259,6 +264,8 @@ def evaluate(argv: list[str], prog: str = PROG) -> None:
     from .sweep import eval_sweep, is_sweep_folder
     sweeps = [r for r in args.runs if is_sweep_folder(r)]
     require_run_folders([r for r in args.runs if r not in sweeps])
+    for folder in args.runs:  # each run's eval/ goes inside it (a sweep's: inside each of its runs)
+        require_writable(folder if folder not in sweeps else os.path.join(folder, "runs"), option="")
     quiet_libraries()
     failed = False
     for folder in sweeps:
@@ -314,6 +321,7 @@ def report(argv: list[str], prog: str = PROG) -> None:
         usage_error(f"report takes one sweep folder or run folders, not both: {' '.join(args.runs)}")
     if not sweeps:
         require_run_folders(args.runs)
+    require_writable(args.out)
     try:
         if sweeps:
             from .report.sweep import report_sweep
@@ -394,6 +402,7 @@ def sweep(argv: list[str], prog: str = PROG) -> None:
         for spec in specs:
             print(command_line(spec, out))
         return
+    require_writable(out)
     try:
         import ray  # noqa: F401
     except ImportError:

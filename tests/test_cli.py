@@ -93,3 +93,20 @@ def test_a_batch_of_one_sample_is_one_line_before_the_model_loads(tmp_path, caps
     assert info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "--batch-size 1: a PPO batch needs at least 2 samples" in err
     assert RunConfig(steps=1, parallel_games=2).resolve().derived.batch_size == 2
+
+
+@pytest.mark.parametrize("command", ["report", "sweep"])
+def test_an_out_folder_that_cannot_be_written_is_one_line(command, tmp_path, capsys):
+    """As for run.py --out: one line naming the folder (exit 2), not an OSError traceback from makedirs."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "out"
+    run = tmp_path / "run"  # a run folder (for report) that exists, so that only --out is wrong
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    args = ["report", str(run)] if command == "report" else ["sweep", os.path.join(ROOT, "grids", "embedded.toml")]
+    with pytest.raises(SystemExit) as info:
+        cli.main([*args, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--out {out}: cannot write there" in err
