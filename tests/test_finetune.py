@@ -118,7 +118,7 @@ BAD_INPUTS = [
     (["--device", "cuda:0"], "CUDA is not available"),
     (["--xi", "-1"], "xi=-1.0"),
     (["--reward", "game:2,deont:3", "--episodes", "4"], "has 5 episodes but --episodes is 4"),
-    (["--model", "/nonexistent/model"], "cannot be loaded"),
+    (["--model", "/nonexistent/model"], "--model '/nonexistent/model': no such folder"),
     (["--resume", "/nonexistent/run"], "cannot read"),
     (["--unknown-flag"], "unrecognized arguments: --unknown-flag"),
 ]
