@@ -7,14 +7,14 @@ Averages over the 16 distinct training prompts (4 states x 2 x 2 option orders),
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import torch
 
 from games import GAMES, C, D, get_tokens, structured_prompt
 
-from .agent import Codec, model_source
+from .agent import Codec, ModelUnavailable, model_source
+from .cli import OneLineParser
 
 
 def training_queries(codec: Codec, tokens) -> tuple[list, list[torch.Tensor]]:
@@ -49,14 +49,20 @@ def main(argv=None) -> None:
 
     from .embedded import EMBEDDED_MODEL
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m moral.diagnostics", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=EMBEDDED_MODEL)
     p.add_argument("--tokens", default="action12")
     args = p.parse_args(argv)
-    path = model_source(args.model)
+    try:
+        tokens = get_tokens(args.tokens)
+    except ValueError as exc:
+        p.error(f"--tokens {exc}")
+    try:
+        path = model_source(args.model)
+    except ModelUnavailable as exc:
+        p.error(f"--model {exc}")
     policy = PolicyModel(load_causal_lm(path), adapters=("agent",), lora=LoraSettings(r=1))  # LoRA B = 0: the base
     tokenizer = AutoTokenizer.from_pretrained(path)
-    tokens = get_tokens(args.tokens)
     print(f"{'format aid':>10} {'query tok':>9} {'sampled':>7} {'P(C)':>8} {'P(D)':>8} {'P(legal)':>8}")
     for aid in ("none", "prefix"):
         r = answer_probabilities(policy, tokenizer, tokens, aid)

@@ -110,3 +110,14 @@ def test_an_out_folder_that_cannot_be_written_is_one_line(command, tmp_path, cap
     err = capsys.readouterr().err
     assert info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert f"--out {out}: cannot write there" in err
+
+
+@pytest.mark.parametrize("option, value, message", [("--tokens", "zz", "unknown token set 'zz'"),
+                                                    ("--model", "/no/such/model", "no such folder")])
+def test_diagnostics_bad_input_is_one_line(option, value, message, capsys):
+    from moral import diagnostics
+    with pytest.raises(SystemExit) as info:
+        diagnostics.main([option, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: {option} ") and message in err
