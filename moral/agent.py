@@ -149,7 +149,8 @@ def load_agent_model(config, adapter_paths: dict[str, str] | None = None, init_s
 
 
 class ModelUnavailable(ValueError):
-    """A model that cannot be loaded from anywhere: not a folder, not in the local cache, and the Hub unreachable."""
+    """A model that cannot be loaded: a path that is not a folder, or a Hub id that is not in the local cache while
+    the Hub cannot be reached (or offline mode is on)."""
 
 
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -158,9 +159,10 @@ PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 def model_source(model: str) -> str:
     """The folder or Hugging Face Hub id to load `model` from: the embedded model's converted folder, a local folder
-    (~ expanded; a path that is not a folder raises ModelUnavailable), or a Hub id. When the Hub cannot be reached, huggingface_hub is switched to offline mode for this
-    process and its children, so the id loads from the local cache at once (instead of about 23 s of retries per
-    file, each with a warning line); an id that is not in the cache then raises ModelUnavailable naming it."""
+    (~ expanded; a path that is not a folder raises ModelUnavailable), or a Hub id. When the Hub cannot be reached,
+    huggingface_hub is switched to offline mode for this process and its children, so the id loads from the local
+    cache at once (instead of about 23 s of retries per file, each with a warning line); an id that is not in the
+    cache then raises ModelUnavailable naming it."""
     from .embedded import EMBEDDED_MODEL, ensure_embedded_model
 
     if model == EMBEDDED_MODEL:
