@@ -159,6 +159,11 @@ def _resumed_config(args):
         config = RunConfig.from_dict(read_json(path))
     except (OSError, ValueError, TypeError) as exc:
         usage_error(f"--resume {args.resume}: cannot read {path} ({type(exc).__name__})")
+    fixed = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+             if v is not None and k not in ("resume", "threads", "report_to", "no_progress")]
+    if fixed:
+        usage_error(f"--resume {args.resume} continues the run with the settings in its config.json: "
+                    f"{' '.join(fixed)} cannot change (only --threads and --report-to can)")
     changes = {k: getattr(args, k) for k in ("threads", "report_to") if getattr(args, k) is not None}
     config = dataclasses.replace(config, **changes)
     try:

@@ -121,3 +121,16 @@ def test_diagnostics_bad_input_is_one_line(option, value, message, capsys):
     err = capsys.readouterr().err
     assert info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith(f"error: {option} ") and message in err
+
+
+def test_resume_with_other_settings_is_one_line_not_silently_ignored(tmp_path, capsys):
+    """`--resume RUN --episodes 500` used to print the finished run's summary and exit 0, as if extended."""
+    import json
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(RunConfig(episodes=3).resolve().to_dict()))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--resume", str(run), "--episodes", "500", "--reward", "game", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--reward --episodes cannot change (only --threads and --report-to can)" in err
