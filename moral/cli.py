@@ -255,6 +255,7 @@ def eval_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def evaluate(argv: list[str], prog: str = PROG) -> None:
     from .agent import ModelUnavailable
+    from .config import parse_device
     from .evaluate import EvalConfig, evaluate as run_eval
 
     args = eval_parser(prog).parse_args(argv)
@@ -264,6 +265,7 @@ def evaluate(argv: list[str], prog: str = PROG) -> None:
                      checkpoint=args.checkpoint, token_budget=args.token_budget)
     try:
         cfg.validate()
+        parse_device(args.device)
     except ValueError as exc:
         usage_error(str(exc))
     from .sweep import eval_sweep, is_sweep_folder

@@ -144,7 +144,7 @@ class RunConfig:
         the bad value and the allowed ones."""
         import torch
 
-        from ppo_core.model import compute_dtype_for, cpu_has_native_bf16, default_device
+        from ppo_core.model import compute_dtype_for, cpu_has_native_bf16
 
         from .trackers import TRACKERS, TrackerUnavailable, check_installed
 
@@ -172,9 +172,7 @@ class RunConfig:
             RewardSettings(self.illegal, self.xi)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        device = torch.device(self.device) if self.device else default_device()
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {self.device!r}: CUDA is not available on this machine")
+        device = parse_device(self.device)
         quantize = self.quantize or ("4bit" if device.type == "cuda" else "none")
         dtype = self.dtype
         if dtype is None:
@@ -249,6 +247,28 @@ class RunConfig:
             raise UsageError(f"unknown run setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         d["derived"] = Derived.from_dict(d.get("derived") or {})
         return cls(**d)
+
+
+def parse_device(name: str | None):
+    """--device: cpu, cuda or cuda:N (default: cuda if available, else cpu) as a torch.device; UsageError naming the
+    value otherwise (torch would take e.g. mps, and the model would then load on the CPU)."""
+    import torch
+
+    from ppo_core.model import default_device
+    if not name:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: choose cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name!r}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name!r}: this machine has CUDA devices cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def ppo_config(run: RunConfig, **changes) -> PPOConfig:

@@ -134,3 +134,10 @@ def test_resume_with_other_settings_is_one_line_not_silently_ignored(tmp_path, c
     err = capsys.readouterr().err
     assert info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "--reward --episodes cannot change (only --threads and --report-to can)" in err
+
+
+def test_eval_checks_its_device_before_anything_else(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", str(tmp_path), "--device", "foo"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err == "error: --device 'foo': choose cpu, cuda or cuda:N\n"

@@ -116,6 +116,8 @@ BAD_INPUTS = [
     (["--format-aid", "magic"], "invalid choice: 'magic'"),
     (["--dtype", "fp8"], "invalid choice: 'fp8'"),
     (["--device", "cuda:0"], "CUDA is not available"),
+    (["--device", "foo"], "--device 'foo': choose cpu, cuda or cuda:N"),
+    (["--device", "mps"], "--device 'mps': choose cpu, cuda or cuda:N"),  # torch takes it; the model would not
     (["--xi", "-1"], "xi=-1.0"),
     (["--reward", "game:2,deont:3", "--episodes", "4"], "has 5 episodes but --episodes is 4"),
     (["--model", "/nonexistent/model"], "--model '/nonexistent/model': no such folder"),
