@@ -299,3 +299,16 @@ def test_report_without_eval(tmp_path):
     result = report([folder], str(tmp_path / "out"))
     assert [os.path.basename(p) for p in result["figures"]] == ["training_action_types.png"]
     assert "evaluation tables and figures skipped" in result["message"]
+
+
+def test_report_of_a_token_set_the_runs_were_not_evaluated_with_names_the_ones_they_were(tmp_path, capsys):
+    """It used to write the training table and say 'no evaluation decisions found', as if eval had not run."""
+    from moral import cli
+    folder = write_run(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"--tokens 'zz': these runs were evaluated with action34"):
+        report([folder], str(tmp_path / "out"), tokens="zz")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["report", folder, "--out", str(tmp_path / "out"), "--tokens", "zz"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert report([folder], str(tmp_path / "out"), tokens="action34")["tables"]

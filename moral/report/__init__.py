@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from moral.regret import run_illegal
 
 from . import figures
-from .tables import action_type_table, eval_groups, load_runs, model_type_label, order_model_types, pick_tokens, \
-    reciprocity_table, regret_table, rolling_mean, training_series, training_table, write_reciprocity, \
+from .tables import action_type_table, eval_groups, evaluated_tokens, load_runs, model_type_label, order_model_types, \
+    pick_tokens, reciprocity_table, regret_table, rolling_mean, training_series, training_table, write_reciprocity, \
     write_regret, write_test_action_types, write_training
 
 __all__ = ["model_type_label", "order_model_types", "report", "rolling_mean"]
@@ -34,6 +34,10 @@ def report(run_folders: Sequence[str], out_dir: str, variant: str = "structured"
         raise ValueError("report needs at least one run folder")
     os.makedirs(out_dir, exist_ok=True)
     runs = load_runs(run_folders)
+    evaluated = evaluated_tokens(runs, variant, table_order)
+    if tokens is not None and evaluated and tokens not in evaluated:
+        raise ValueError(f"--tokens {tokens!r}: these runs were evaluated with {', '.join(evaluated)} "
+                         f"({variant} prompt, {table_order} table order)")
     tokens = tokens or pick_tokens(runs, variant, table_order)
     scope = f"{variant} prompt, {table_order} table order, tokens {tokens}"
     plotting = figures.available()

@@ -351,10 +351,15 @@ def write_training(rows: Sequence[Mapping], out_dir: str) -> list[str]:
           r["phase"], *[_pct(r[c]) for c in CATEGORIES], _num(r["mean_reward"])] for r in rows])]
 
 
+def evaluated_tokens(runs: Sequence[Run], variant: str, table_order: str) -> list[str]:
+    """The token sets the runs were evaluated with on this prompt variant and table order, sorted."""
+    return sorted({m["tokens"] for r in runs for m in r.metrics
+                   if m["variant"] == variant and m["table_order"] == table_order})
+
+
 def pick_tokens(runs: Sequence[Run], variant: str, table_order: str) -> str | None:
     """The evaluation token set to report: action34 (the paper's test tokens) when evaluated, else the first."""
-    found = sorted({m["tokens"] for r in runs for m in r.metrics
-                    if m["variant"] == variant and m["table_order"] == table_order})
+    found = evaluated_tokens(runs, variant, table_order)
     if not found:
         return None
     return "action34" if "action34" in found else found[0]
