@@ -289,7 +289,11 @@ class Engine:
         ray_logger.setLevel(logging.ERROR)  # Ray's notes on start-up (token authentication, local instance)
         try:
             if address:
-                ray.init(address=address, **kwargs)
+                try:
+                    ray.init(address=address, **kwargs)
+                except ConnectionError as exc:
+                    raise UsageError(f"--address {address}: no Ray cluster answers there ({exc}); start one with "
+                                     f"`ray start --head`, or leave --address out for a local instance") from None
             else:
                 ray.init(object_store_memory=100 * 2**20, **kwargs)
         finally:

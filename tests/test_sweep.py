@@ -280,3 +280,19 @@ def test_the_engine_starts_jobs_in_the_order_given_never_more_than_it_has_slots_
         assert sum(s <= start < e for _, s, e in spans) <= slots
         if job >= slots:  # it waited for job - slots + 1 jobs to end: no later job jumped the queue
             assert start >= ends[job - slots]
+
+
+def test_an_address_without_a_ray_cluster_is_one_line(tmp_path, monkeypatch, capsys):
+    """ray.init's ConnectionError (after about 30 s against an address that answers nothing) was a traceback."""
+    import ray
+
+    def no_cluster(address=None, **kwargs):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
+
+    monkeypatch.setattr(ray, "init", no_cluster)
+    grid = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "grids", "embedded.toml")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sweep", grid, "--out", str(tmp_path / "sweep"), "--address", "10.0.0.9:6379", "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: --address 10.0.0.9:6379: no Ray cluster answers there")
