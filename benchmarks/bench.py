@@ -235,8 +235,8 @@ def free_memory(device: torch.device | None = None) -> None:
 def measure_ceilings(device: torch.device, dtype: torch.dtype, size: int | None = None) -> dict:
     """The two ceilings of the floor: one large matrix product in the compute dtype, laid out as in nn.Linear
     (FLOP/s), and one large device-to-device copy (bytes read + written per second); medians of timed repeats after
-    warm-up, random data. (The layout matters on CPUs without native bf16: a bf16 `a @ b` there ran at about 1
-    GFLOP/s, `a @ b.T` at 15-20, in a throwaway probe noted in RESULTS.md.)"""
+    warm-up, random data. (The layout matters on CPUs without native bf16: `python -m benchmarks.forward_cost --dtype
+    bf16` times a bf16 `x @ W.T` at 13-19 GFLOP/s there and `grad @ W` at about 2; RESULTS.md.)"""
     device = torch.device(device)
     clock = Clock(device)
     n = size or (8192 if device.type == "cuda" else 1024)

@@ -4,7 +4,10 @@ Then one frozen base product of the model (the first MLP up projection) by token
 from about a hundred tokens on it runs near this CPU's best rate; at one token it is bound by reading the weight. Last,
 what all of a 231-token pass's base products would take at that product's 231-token rate.
 
-    python -m benchmarks.forward_cost        (medians of 5 after one warm-up; the job's default dtype)
+    python -m benchmarks.forward_cost                (medians of 5 after one warm-up; the job's default dtype)
+    python -m benchmarks.forward_cost --dtype bf16   (another compute dtype, e.g. bf16 on a CPU without bf16
+                                                      instructions: the forward's layout, x @ W.T, against the input
+                                                      gradient's, grad @ W, shows why emulated bf16 is so slow)
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ import torch
 from benchmarks.bench import Dims, median_s
 
 
-def main() -> None:
-    from moral.agent import load_agent_model
-    from moral.config import RunConfig
+def main(argv=None) -> None:
+    import argparse
 
-    config = RunConfig(episodes=1).resolve()
+    from moral.agent import load_agent_model
+    from moral.config import DTYPE_NAMES, RunConfig
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="compute dtype (default: the job's on this machine)")
+    config = RunConfig(episodes=1, dtype=p.parse_args(argv).dtype).resolve()
     policy, _ = load_agent_model(config, init_seed=0)
 
     print(f"{'tokens':>6} {'LoRA s':>8} {'no LoRA s':>9}   ({policy.compute_dtype})")

@@ -161,8 +161,8 @@ def model_source(model: str) -> str:
     """The folder or Hugging Face Hub id to load `model` from: the embedded model's converted folder, a local folder
     (~ expanded; a path that is not a folder raises ModelUnavailable), or a Hub id. When the Hub cannot be reached,
     huggingface_hub is switched to offline mode for this process and its children, so the id loads from the local
-    cache at once (instead of about 23 s of retries per file, each with a warning line); an id that is not in the
-    cache then raises ModelUnavailable naming it."""
+    cache at once (instead of huggingface_hub's five retries per file, 1 + 2 + 4 + 8 + 8 s of backoff, each with a
+    warning line); an id that is not in the cache then raises ModelUnavailable naming it."""
     from .embedded import EMBEDDED_MODEL, ensure_embedded_model
 
     if model == EMBEDDED_MODEL:

@@ -75,8 +75,9 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def require_writable(folder: str, option: str = "--out") -> None:
-    """Create `folder` and check that a file can be written there, or one line naming it (exit 2)."""
+def require_writable(folder: str, option: str | None = "--out") -> None:
+    """Create `folder` and check that a file can be written there, or one line naming it (and the option that gave
+    it, if any; exit 2)."""
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write-test-{os.getpid()}")
@@ -84,7 +85,7 @@ def require_writable(folder: str, option: str = "--out") -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as exc:
-        usage_error(f"{option} {folder}: cannot write there ({exc.strerror or exc})".lstrip())
+        usage_error(f"{option + ' ' if option else ''}{folder}: cannot write there ({exc.strerror or exc})")
 
 
 def require_run_folders(folders: list[str]) -> None:
@@ -272,7 +273,7 @@ def evaluate(argv: list[str], prog: str = PROG) -> None:
     sweeps = [r for r in args.runs if is_sweep_folder(r)]
     require_run_folders([r for r in args.runs if r not in sweeps])
     for folder in args.runs:  # each run's eval/ goes inside it (a sweep's: inside each of its runs)
-        require_writable(folder if folder not in sweeps else os.path.join(folder, "runs"), option="")
+        require_writable(folder if folder not in sweeps else os.path.join(folder, "runs"), option=None)
     quiet_libraries()
     failed = False
     for folder in sweeps:
