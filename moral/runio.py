@@ -208,6 +208,16 @@ def latest_checkpoint(folder: str) -> str | None:
     return None
 
 
+def is_finished(folder: str) -> bool:
+    """Final adapter and summary written: nothing left to do."""
+    return os.path.isdir(os.path.join(folder, "final")) and os.path.isfile(os.path.join(folder, "summary.json"))
+
+
+def is_started(folder: str) -> bool:
+    """The run wrote its logs: it continues from its last checkpoint (or from episode 0 if it has none)."""
+    return os.path.isfile(os.path.join(folder, "games.csv")) and os.path.isfile(os.path.join(folder, "config.json"))
+
+
 def remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 

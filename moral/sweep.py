@@ -30,8 +30,8 @@ import tomllib
 from dataclasses import dataclass, field
 
 from .config import RunConfig, UsageError
-from .runio import FolderLock, FolderLocked, checkpoint_episode, complete_checkpoints, read_json, write_json_atomic, \
-    write_text_atomic
+from .runio import FolderLock, FolderLocked, checkpoint_episode, complete_checkpoints, is_finished, is_started, \
+    read_json, write_json_atomic, write_text_atomic
 
 # Options a grid may not set: the sweep decides them for every run.
 RESERVED = {"out": "the sweep names each run's folder", "resume": "the sweep resumes unfinished runs itself",
@@ -219,16 +219,6 @@ def _check_existing(spec: RunSpec, folder: str) -> None:
 # ------------------------------------------------------------------------------------------------- run states
 def run_folder(out: str, name: str) -> str:
     return os.path.join(out, "runs", name)
-
-
-def is_finished(folder: str) -> bool:
-    """Final adapter and summary written: nothing left to do."""
-    return os.path.isdir(os.path.join(folder, "final")) and os.path.isfile(os.path.join(folder, "summary.json"))
-
-
-def is_started(folder: str) -> bool:
-    """The run wrote its logs: it continues from its last checkpoint (or from episode 0 if it has none)."""
-    return os.path.isfile(os.path.join(folder, "games.csv")) and os.path.isfile(os.path.join(folder, "config.json"))
 
 
 def command_line(spec: RunSpec, out: str) -> str:

@@ -141,3 +141,28 @@ def test_eval_checks_its_device_before_anything_else(tmp_path, capsys):
         cli.main(["eval", str(tmp_path), "--device", "foo"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err == "error: --device 'foo': choose cpu, cuda or cuda:N\n"
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, capsys, monkeypatch):
+    """It used to load the model, delete and rewrite the final adapter and overwrite summary.json, whose
+    wall_s_this_session became the few milliseconds of that empty session."""
+    import json
+
+    from moral import finetune
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "adapter.bin").write_bytes(b"weights")
+    (run / "config.json").write_text(json.dumps(RunConfig(episodes=3).resolve().to_dict()))
+    shares = {"C|C": 0.5, "C|D": 0.0, "D|C": 0.25, "D|D": 0.25, "illegal": 0.0}
+    summary = json.dumps({"first_10pct": shares, "last_10pct": shares, "wall_s_this_session": 612.5})
+    (run / "summary.json").write_text(summary)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a finished run was set up again")
+
+    monkeypatch.setattr(finetune, "FineTuning", no_model)
+    cli.main(["--resume", str(run), "--no-progress"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"{run} is finished (3 episodes); nothing to continue")
+    assert "last 10%" in out and "25.0%" in out
+    assert (run / "summary.json").read_text() == summary and (run / "final" / "adapter.bin").read_bytes() == b"weights"

@@ -227,6 +227,7 @@ def test_unwritable_out_folder_and_corrupt_checkpoint(tmp_path, tiny_chat_model_
     args = train_args(tiny_chat_model_dir, out)
     args[args.index("--episodes") + 1] = "2"
     cli.main(args)
+    (out / "summary.json").unlink()  # unfinished again: --resume of a finished run only reads its summary
     (out / "checkpoints" / "ckpt-000002" / "state.pt").write_bytes(b"\x00garbage")
     with pytest.raises(SystemExit) as info:
         cli.main(["--resume", str(out)])
