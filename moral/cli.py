@@ -296,11 +296,18 @@ def evaluate(argv: list[str], prog: str = PROG) -> None:
     quiet_libraries()
     failed = False
     for folder in sweeps:
-        failed |= _with_usage_errors(eval_sweep, folder, cfg, **_engine_settings(args),
-                                     progress=not args.no_progress) != 0
-    for run in [r for r in args.runs if r not in sweeps]:
+        code = _with_usage_errors(eval_sweep, folder, cfg, **_engine_settings(args), progress=not args.no_progress)
+        if code == 130:  # stopped: eval_sweep said what was done
+            sys.exit(130)
+        failed |= code != 0
+    runs = [r for r in args.runs if r not in sweeps]
+    for done, run in enumerate(runs):
         try:
             metrics = run_eval(run, cfg, device=args.device, threads=args.threads, progress=not args.no_progress)
+        except KeyboardInterrupt:
+            sys.stderr.write(f"stopped: {run}/eval/ is as it was (a run's evaluation is written when it completes); "
+                             f"{done} of {len(runs)} run(s) evaluated\n")
+            sys.exit(130)
         except ModelUnavailable as exc:
             usage_error(f"{run}: the run's model {exc}")
         except ValueError as exc:

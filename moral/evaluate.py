@@ -173,13 +173,14 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
                     followups += [(label, t.episode, step, prompts[i], d.text, q, model) for q in FOLLOWUP_QUESTIONS]
             t.state.step(answers[mover][i].action, opp_move)
 
+    # Everything is computed before the first file is written, so a run stopped earlier leaves eval/ as it was.
+    followup_rows = ask_followups(policy, tokenizer, followups, cfg.followup_tokens, generator) if followups else None
     out_dir = os.path.join(run_folder, "eval")
     os.makedirs(out_dir, exist_ok=True)
     write_csv_atomic(os.path.join(out_dir, "decisions.csv"), EVAL_COLUMNS, rows)
-    if followups:
+    if followup_rows is not None:
         write_csv_atomic(os.path.join(out_dir, "followup.csv"),
-                   ("model", "episode", "step", "question", "answer", "followup_response"),
-                   ask_followups(policy, tokenizer, followups, cfg.followup_tokens, generator))
+                         ("model", "episode", "step", "question", "answer", "followup_response"), followup_rows)
     metrics = {"run": os.path.abspath(run_folder), "eval": dataclasses.asdict(cfg),
                "groups": per_run_metrics(os.path.join(out_dir, "decisions.csv")),
                "wall_s": time.perf_counter() - t_start, "decisions": len(rows),

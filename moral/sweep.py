@@ -535,7 +535,7 @@ def eval_sweep(path: str, cfg, *, address: str | None = None, cpus: float = 1.0,
     if not todo:
         return 0
     engine = Engine(address, cpus, gpus, retries)
-    failed = []
+    failed, done = [], 0
     t0 = time.time()
     try:
         bar = tqdm(total=len(todo), unit="run", disable=not progress, desc="eval")
@@ -545,7 +545,13 @@ def eval_sweep(path: str, cfg, *, address: str | None = None, cpus: float = 1.0,
                 bar.update(1)
                 if error:
                     failed.append((folder, error))
+                else:
+                    done += 1
         bar.close()
+    except KeyboardInterrupt:
+        sys.stderr.write(f"stopped; {done} of {len(todo)} run(s) evaluated (an unfinished run's eval/ is as it was); "
+                         f"the same command evaluates the rest\n")
+        return 130
     finally:
         engine.close()
     print(f"evaluated {len(todo) - len(failed)} run(s) in {time.time() - t0:.0f} s")

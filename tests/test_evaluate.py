@@ -69,6 +69,27 @@ def test_eval_and_report_write_every_file(trained_run, tmp_path, capsys):
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_stopped_by_ctrl_c_leaves_eval_folder_as_it_was(trained_run, capsys, monkeypatch):
+    """Ctrl-C during the follow-up questions (the last, long part) used to leave a new decisions.csv beside the
+    old metrics.json and end in a KeyboardInterrupt traceback."""
+    from moral import evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    eval_dir = trained_run / "eval"
+    before = {p.name: p.read_bytes() for p in eval_dir.iterdir()} if eval_dir.is_dir() else {}
+    monkeypatch.setattr(evaluate, "ask_followups", interrupted)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", str(trained_run), "--episodes", "1", "--steps", "1", "--games", "IPD", "--followup",
+                  "--no-baselines", "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 130 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"stopped: {trained_run}/eval/ is as it was") and "0 of 1 run(s) evaluated" in err
+    after = {p.name: p.read_bytes() for p in eval_dir.iterdir()} if eval_dir.is_dir() else {}
+    assert after == before
+
+
 def test_eval_bad_input(tmp_path, capsys):
     for argv, message in ((["eval", str(tmp_path)], "not a run folder"),
                           (["eval", str(tmp_path), "--games", "XYZ"], "unknown game 'XYZ'"),

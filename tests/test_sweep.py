@@ -297,3 +297,36 @@ def test_an_address_without_a_ray_cluster_is_one_line(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("error: --address 10.0.0.9:6379: no Ray cluster answers there")
+
+
+def test_eval_of_a_sweep_stopped_by_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
+    """It was a KeyboardInterrupt traceback out of Ray's wait; now one line saying how many runs were evaluated."""
+    from moral import sweep
+
+    out = tmp_path / "sweep"
+    for name in ("a", "b", "c"):
+        run = out / "runs" / name
+        (run / "final").mkdir(parents=True)
+        (run / "config.json").write_text("{}")
+        (run / "summary.json").write_text("{}")
+    (out / "sweep.json").write_text("{}")
+
+    class StoppedEngine:
+        closed = False
+
+        def __init__(self, *args):
+            pass
+
+        def run_in_order(self, job, items, args_of, poll_s):
+            yield [(items[0], {}, None)]
+            raise KeyboardInterrupt
+
+        def close(self):
+            StoppedEngine.closed = True
+
+    monkeypatch.setattr(sweep, "Engine", StoppedEngine)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 130 and len(err.strip().splitlines()) == 1 and StoppedEngine.closed
+    assert err.startswith("stopped; 1 of 3 run(s) evaluated")
