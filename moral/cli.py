@@ -372,7 +372,8 @@ def report(argv: list[str], prog: str = PROG) -> None:
 
 # --------------------------------------------------------------------------------------------------------- sweep
 def add_engine_options(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--address", help="join this Ray cluster (default: a local Ray instance sized to this machine)")
+    p.add_argument("--address", help="join this Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS "
+                   "if set, else a local Ray instance sized to this machine)")
     p.add_argument("--cpus-per-run", type=positive_float, default=1.0,
                    help=f"CPUs of each {what} task; also its torch threads (default 1)")
     p.add_argument("--gpus-per-run", type=nonnegative_float,

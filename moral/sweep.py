@@ -19,12 +19,14 @@ process writes it (moral.runio.FolderLock). `run.py eval DIR` and `run.py report
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import os
 import re
 import shlex
 import sys
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -260,12 +262,86 @@ def train_run(folder: str, argv: list[str], threads: int, holder: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- the engine
+RAY_PROBE_TIMEOUT_S = 5.0
+
+
+def ray_address(address: str | None) -> tuple[str | None, str]:
+    """The cluster to join and where it was named: --address, else RAY_ADDRESS (which ray.init reads by itself too;
+    `ray job submit` and many clusters set it), else (None, "") for a local instance."""
+    if address:
+        return address, f"--address {address}"
+    env = os.environ.get("RAY_ADDRESS")
+    return (env, f"RAY_ADDRESS={env}") if env else (None, "")
+
+
+def unreachable(address: str, timeout_s: float = RAY_PROBE_TIMEOUT_S) -> str | None:
+    """Why nothing accepts a TCP connection at a HOST:PORT or ray://HOST:PORT address within timeout_s, or None if
+    something does (or the address names no port, as "auto" does). ray.init retries an address where nothing
+    listens for ever (Ray 2.60: a warning every 40 s)."""
+    import socket
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = url.hostname, url.port
+    except ValueError:
+        return None
+    if not host or port is None:
+        return None
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except socket.gaierror:
+        return f"unknown host {host!r}"
+    except TimeoutError:
+        return f"no answer from {host}:{port} within {timeout_s:g} s"
+    except OSError as exc:
+        return f"{host}:{port}: {(exc.strerror or str(exc)).lower()}"
+    return None
+
+
+def auth_hint() -> str:
+    """Ray 2.60's `ray start --head` turns token authentication on where a token exists (~/.ray/auth_token, which
+    any local ray.init writes), but ray.init(address=...) sends the token only with RAY_AUTH_MODE=token."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return ""
+    token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.isfile(
+        os.path.expanduser(os.path.join("~", ".ray", "auth_token")))
+    return "; if it uses token authentication (`ray start` turns it on where ~/.ray/auth_token exists), set " \
+           "RAY_AUTH_MODE=token" if token else ""
+
+
+@contextlib.contextmanager
+def stderr_held_back(drop_on: tuple = ()):
+    """Hold back what is written to file descriptor 2 until the block ends, then write it out, unless the block
+    raised one of `drop_on` (Ray's C++ core writes a retry warning a second there for 30 s against a wrong address,
+    before ray.init raises the ConnectionError that one line reports)."""
+    sys.stderr.flush()
+    saved, raised = os.dup(2), None
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException as exc:
+            raised = exc
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not isinstance(raised, drop_on):
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
+                sys.stderr.flush()
+
+
 class Engine:
     """Ray: a local instance sized to this machine, or the cluster at `address`. Each job is one task with
     `cpus` CPUs and `gpus` GPUs (fractions pack several runs on one GPU); a task whose worker died is retried
     `retries` times."""
 
     def __init__(self, address: str | None, cpus: float, gpus: float | None, retries: int):
+        """`address`: a Ray cluster (HOST:PORT, ray://HOST:PORT, auto); None: RAY_ADDRESS if set, else a local
+        instance."""
         try:
             import ray
         except ImportError:
@@ -277,13 +353,20 @@ class Engine:
         ray_logger = logging.getLogger("ray")
         level = ray_logger.level
         ray_logger.setLevel(logging.ERROR)  # Ray's notes on start-up (token authentication, local instance)
+        address, named = ray_address(address)
         try:
             if address:
+                why = unreachable(address)
                 try:
-                    ray.init(address=address, **kwargs)
+                    if why:
+                        raise ConnectionError(why)
+                    with stderr_held_back(drop_on=(ConnectionError,)):
+                        ray.init(address=address, **kwargs)
                 except ConnectionError as exc:
-                    raise UsageError(f"--address {address}: no Ray cluster answers there ({exc}); start one with "
-                                     f"`ray start --head`, or leave --address out for a local instance") from None
+                    local = "leave --address out" if named.startswith("--") else "unset RAY_ADDRESS"
+                    raise UsageError(f"{named}: no Ray cluster answers there ({exc}); start one with `ray start "
+                                     f"--head`, or {local} for a local instance{'' if why else auth_hint()}") \
+                        from None
             else:
                 ray.init(object_store_memory=100 * 2**20, **kwargs)
         finally:

@@ -5,9 +5,11 @@ same games.csv files as an uninterrupted one; a locked run folder turns a second
 by a dead process does not; bad grids fail before anything starts, in one line; --dry-run prints one line per run;
 `eval` and `report` take the sweep folder."""
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,14 +31,15 @@ def write_grid(path, model_dir, text=None):
     return str(path)
 
 
-def spawn(args, **kwargs):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+def spawn(args, extra_env=None, **kwargs):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     return subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
-def sweep(grid, out, *extra):
-    proc = spawn(["sweep", grid, "--out", str(out), "--no-progress", "--cpus-per-run", "1", *extra])
+def sweep(grid, out, *extra, extra_env=None):
+    proc = spawn(["sweep", grid, "--out", str(out), "--no-progress", "--cpus-per-run", "1", *extra],
+                 extra_env=extra_env)
     stdout, stderr = proc.communicate(timeout=600)
     return proc.returncode, stdout, stderr
 
@@ -287,11 +290,14 @@ def test_an_address_without_a_ray_cluster_is_one_line(tmp_path, monkeypatch, cap
     """ray.init's ConnectionError (after about 30 s against an address that answers nothing) was a traceback."""
     import ray
 
+    from moral import sweep
+
     def no_cluster(address=None, **kwargs):
         raise ConnectionError(f"Failed to connect to Ray cluster at {address}")
 
     monkeypatch.setattr(ray, "init", no_cluster)
-    grid = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "grids", "embedded.toml")
+    monkeypatch.setattr(sweep, "unreachable", lambda address: None)  # something answers TCP, but not Ray
+    grid = os.path.join(ROOT, "grids", "embedded.toml")
     with pytest.raises(SystemExit) as info:
         cli.main(["sweep", grid, "--out", str(tmp_path / "sweep"), "--address", "10.0.0.9:6379", "--no-progress"])
     err = capsys.readouterr().err
@@ -330,3 +336,89 @@ def test_eval_of_a_sweep_stopped_by_ctrl_c_is_one_line(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert info.value.code == 130 and len(err.strip().splitlines()) == 1 and StoppedEngine.closed
     assert err.startswith("stopped; 1 of 3 run(s) evaluated")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ray_address_nothing_listens_at_is_one_line_at_once(tmp_path, monkeypatch, capsys):
+    """ray.init retried such an address for ever (Ray 2.60: a warning every 40 s, still waiting after 10 min)."""
+    import ray
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("ray.init was called")
+
+    monkeypatch.setattr(ray, "init", must_not_run)
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    grid = os.path.join(ROOT, "grids", "embedded.toml")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sweep", grid, "--out", str(tmp_path / "sweep"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: RAY_ADDRESS={address}: no Ray cluster answers there ({address}: connection "
+                          f"refused)") and "unset RAY_ADDRESS" in err
+
+
+def test_unreachable_names_what_a_probe_finds():
+    from moral.sweep import unreachable
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert unreachable(f"127.0.0.1:{port}") is None and unreachable(f"ray://127.0.0.1:{port}") is None
+    assert unreachable(f"127.0.0.1:{port}") == f"127.0.0.1:{port}: connection refused"
+    assert unreachable("auto") is None and unreachable("127.0.0.1") is None  # no port: left to Ray
+
+
+def test_a_sweep_joins_the_ray_cluster_that_ray_address_names(finished_sweep, tmp_path):
+    """`ray job submit` and many clusters set RAY_ADDRESS, which ray.init reads by itself: the sweep used to ask
+    for a local instance's object store there, a ValueError traceback before any run. Here a second Ray instance
+    started with `ray start --head` is the cluster; its runs write the same games.csv as the local instance's."""
+    grid, whole, _ = finished_sweep
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    port = free_port()
+    # with a token in ~/.ray/auth_token (any local instance writes one) `ray start` turns token authentication on;
+    # the driver sends the token only with RAY_AUTH_MODE=token (auth_hint's advice, taken here)
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    if not os.path.isfile(os.path.expanduser("~/.ray/auth_token")):
+        subprocess.run([ray_cli, "get-auth-token", "--generate"], env=env, capture_output=True, timeout=120)
+    started = subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+                              "--include-dashboard=false", "--disable-usage-stats"], env=env, capture_output=True,
+                             text=True, timeout=300)
+    try:
+        assert started.returncode == 0, started.stderr
+        code, stdout, stderr = sweep(grid, tmp_path / "on-cluster",
+                                     extra_env={"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"})
+        assert code == 0, stderr
+        assert games_csvs(tmp_path / "on-cluster") == games_csvs(whole)
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_auth_hint_names_ray_auth_mode_only_where_a_token_exists(monkeypatch, tmp_path):
+    from moral.sweep import auth_hint
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    assert auth_hint() == ""
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("x" * 64)
+    assert auth_hint().endswith("set RAY_AUTH_MODE=token")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # already set: the hint has nothing to add
+    assert auth_hint() == ""
+
+
+@pytest.mark.parametrize("raised, shown", [(None, True), (ValueError, True), (ConnectionError, False)])
+def test_stderr_held_back_writes_out_unless_the_block_raised_what_it_drops(raised, shown, capfd):
+    from moral.sweep import stderr_held_back
+    with pytest.raises(raised) if raised else contextlib.nullcontext():
+        with stderr_held_back(drop_on=(ConnectionError,)):
+            os.write(2, b"a C++ warning\n")
+            assert capfd.readouterr().err == ""  # held back so far
+            if raised:
+                raise raised("stop")
+    assert capfd.readouterr().err == ("a C++ warning\n" if shown else "")
