@@ -17,6 +17,7 @@ import shutil
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 CSV_COLUMNS = ("episode", "step", "slot", "phase", "learner", "game", "opponent", "own_last", "opp_last", "action",
@@ -139,23 +140,29 @@ class FolderLock:
 
     The kernel drops the lock when its process dies (even by SIGKILL), so a lock left by a dead process never blocks;
     the file itself stays and only says who held it last. flock works across the processes of one machine and, on
-    Linux NFS clients, across machines sharing the folder."""
+    Linux NFS clients, across machines sharing the folder. On a file system that cannot lock (Lustre mounted without
+    `flock`, NFS without a lock daemon) the folder is written unlocked, with one warning."""
 
     def __init__(self, folder: str, what: str = "run"):
-        self.folder, self.what, self.fd = folder, what, None
+        self.folder, self.what, self.fd, self.locked = folder, what, None, False
         self.path = os.path.join(folder, LOCK_FILE)
 
     def acquire(self, holder: str | None = None) -> "FolderLock":
         """Take the lock or raise FolderLocked naming the holder; writes this process into the lock file."""
         os.makedirs(self.folder, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.locked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             held_by = os.read(fd, 1000).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
             raise FolderLocked(f"{self.folder}: this {self.what} is being written by {held_by}; wait for it to end "
                                f"or stop it first") from None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP, ...: a cluster file system mounted without locks
+            self.locked = False
+            warnings.warn(f"{self.folder}: its file system cannot lock files ({exc.strerror or exc}); nothing stops "
+                          f"a second process from writing this {self.what} at the same time", stacklevel=2)
         what = holder or " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
         line = (f"pid {os.getpid()} on {socket.gethostname()} since "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())} ({what})\n")
@@ -166,7 +173,8 @@ class FolderLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            if self.locked:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
 

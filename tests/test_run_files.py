@@ -95,3 +95,30 @@ def test_logs_reach_the_disk_after_every_episode_and_checkpoints_say_what_they_a
         run.train()  # the third episode, the checkpoints and the final files
     saved = json.load(open(tmp_path / "run" / "checkpoints" / "ckpt-000003" / "config.json"))
     assert RunConfig.from_dict(saved) == run.config and saved["derived"]["gen_len"] == 1
+
+
+def test_a_folder_lock_tells_held_from_a_file_system_that_cannot_lock(tmp_path, monkeypatch):
+    """Every flock error used to read as "being written by <the last holder>": on a file system mounted without
+    locks (ENOLCK) every run of a sweep failed so, naming a process that had long ended."""
+    import errno
+    import fcntl
+
+    from moral import runio
+    from moral.runio import FolderLock, FolderLocked
+
+    first = FolderLock(str(tmp_path)).acquire("the first writer")
+    try:
+        with pytest.raises(FolderLocked, match="being written by pid .*the first writer"):
+            FolderLock(str(tmp_path)).acquire("a second writer")
+    finally:
+        first.release()
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(runio.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="its file system cannot lock files \\(No locks available\\)"):
+        lock = FolderLock(str(tmp_path)).acquire("on a lockless file system")
+    assert "on a lockless file system" in (tmp_path / ".lock").read_text()
+    lock.release()  # without unlocking what was never locked
+    assert lock.fd is None and fcntl.flock is no_locks
