@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
+import math
 import os
 import re
 import shlex
@@ -334,6 +335,14 @@ def stderr_held_back(drop_on: tuple = ()):
                 sys.stderr.flush()
 
 
+def tasks_fitting(resources: dict, cpus: float, gpus: float) -> int:
+    """How many tasks of `cpus` CPUs and `gpus` GPUs one node's resources hold (fractions as Ray counts them:
+    1.0 // 0.1 is 9 in floating point, ten tasks of 0.1 GPU fit)."""
+    def fit(have: float, need: float) -> int:
+        return math.floor(have / need + 1e-6) if need else 2**31
+    return min(fit(resources.get("CPU", 0.0), cpus), fit(resources.get("GPU", 0.0), gpus))
+
+
 class Engine:
     """Ray: a local instance sized to this machine, or the cluster at `address`. Each job is one task with
     `cpus` CPUs and `gpus` GPUs (fractions pack several runs on one GPU); a task whose worker died is retried
@@ -371,21 +380,28 @@ class Engine:
                 ray.init(object_store_memory=100 * 2**20, **kwargs)
         finally:
             ray_logger.setLevel(level)
-        available = ray.cluster_resources()
+        nodes = self.node_resources()
         if gpus is None:
-            gpus = 1.0 if available.get("GPU", 0) >= 1 else 0.0
+            gpus = 1.0 if any(node.get("GPU", 0) >= 1 for node in nodes) else 0.0
         self.gpus = gpus
-        if cpus > available.get("CPU", 0) or gpus > available.get("GPU", 0):
-            have = f"{available.get('CPU', 0):g} CPU(s) and {available.get('GPU', 0):g} GPU(s)"
+        if not any(tasks_fitting(node, cpus, gpus) for node in nodes):
+            kinds: dict[str, int] = {}
+            for node in nodes:
+                kind = f"{node.get('CPU', 0):g} CPU(s) and {node.get('GPU', 0):g} GPU(s)"
+                kinds[kind] = kinds.get(kind, 0) + 1
+            have = ", ".join(f"{n} with {kind}" for kind, n in kinds.items())
             self.close()
             raise UsageError(f"--cpus-per-run {cpus:g} --gpus-per-run {gpus:g}: no node can run that; the cluster "
-                             f"has {have}")
+                             f"has {len(nodes)} node(s): {have}")
+
+    def node_resources(self) -> list[dict]:
+        """Each live node's resources ({"CPU": 8.0, "GPU": 1.0, ...})."""
+        return [node["Resources"] for node in self.ray.nodes() if node.get("Alive")]
 
     def slots(self) -> int:
-        """How many jobs the cluster can run at once now (read again on every call: a cluster may grow)."""
-        available = self.ray.cluster_resources()
-        return max(1, int(min(available.get("CPU", 0) // self.cpus if self.cpus else 1e9,
-                              available.get("GPU", 0) // self.gpus if self.gpus else 1e9)))
+        """How many jobs the cluster can run at once now, node by node (a task runs on one node; read again on
+        every call: a cluster may grow)."""
+        return max(1, sum(tasks_fitting(node, self.cpus, self.gpus) for node in self.node_resources()))
 
     def submit(self, fn, *args):
         task = self.ray.remote(fn).options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.retries,

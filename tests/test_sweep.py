@@ -422,3 +422,44 @@ def test_stderr_held_back_writes_out_unless_the_block_raised_what_it_drops(raise
             if raised:
                 raise raised("stop")
     assert capfd.readouterr().err == ("a C++ warning\n" if shown else "")
+
+
+def test_the_engine_counts_slots_node_by_node():
+    """A task runs on one node: two 8-CPU nodes hold four 3-CPU runs, not 16 // 3 = 5; a run no node can hold is
+    one line (it would wait in Ray's queue for ever); ten 0.1-GPU runs fit one GPU (1.0 // 0.1 is 9.0)."""
+    from moral.config import UsageError
+    from moral.sweep import Engine, tasks_fitting
+
+    assert tasks_fitting({"CPU": 8.0, "GPU": 1.0}, 1.0, 0.1) == 8 and tasks_fitting({"CPU": 16.0, "GPU": 1.0}, 1, 0.1) == 10
+    assert tasks_fitting({"CPU": 8.0}, 3.0, 0.0) == 2 and tasks_fitting({"CPU": 8.0}, 1.0, 0.5) == 0
+
+    class FakeRay:
+        nodes_ = [{"Alive": True, "Resources": {"CPU": 8.0}}, {"Alive": True, "Resources": {"CPU": 8.0}},
+                  {"Alive": False, "Resources": {"CPU": 64.0}}]
+
+        @classmethod
+        def nodes(cls):
+            return cls.nodes_
+
+        @staticmethod
+        def shutdown():
+            pass
+
+    engine = Engine.__new__(Engine)
+    engine.ray, engine.cpus, engine.gpus = FakeRay, 3.0, 0.0
+    assert engine.slots() == 4
+    FakeRay.nodes_ = FakeRay.nodes_ + [{"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}}]  # the cluster grew
+    assert engine.slots() == 5
+
+    def init(*args, **kwargs):
+        pass
+
+    import ray
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray, "init", init)
+        mp.setattr(ray, "nodes", FakeRay.nodes)
+        mp.setattr(ray, "shutdown", FakeRay.shutdown)
+        with pytest.raises(UsageError, match=r"--cpus-per-run 12 --gpus-per-run 1: no node can run that; the cluster "
+                                             r"has 3 node\(s\): 2 with 8 CPU\(s\) and 0 GPU\(s\), 1 with 4 CPU"):
+            Engine(None, cpus=12.0, gpus=None, retries=0)
+        assert Engine(None, cpus=4.0, gpus=None, retries=0).gpus == 1.0  # a node with a GPU: one per run
