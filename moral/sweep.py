@@ -26,6 +26,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -355,7 +356,7 @@ class Engine:
             import ray
         except ImportError:
             raise UsageError(f"the sweep runs on Ray, which is not installed: {INSTALL_RAY}") from None
-        self.ray, self.cpus, self.gpus, self.retries = ray, cpus, gpus, retries
+        self.ray, self.cpus, self.gpus, self.retries, self.running = ray, cpus, gpus, retries, {}
         os.environ.setdefault("RAY_ACCEPT_CONNECTIONS_FROM_REMOTE_HOSTS", "0")
         import logging
         kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
@@ -413,13 +414,24 @@ class Engine:
         the cluster has slots for, since Ray does not promise to start queued tasks in submission order (measured:
         with all 24 runs queued, the longest started last). Yields, every `poll_s` seconds at the latest, the list
         of (job, value, error line or None) finished since the last yield (often empty)."""
-        queue, running = list(jobs), {}
+        queue, running = list(jobs), self.running
         while queue or running:
             while queue and len(running) < self.slots():
                 job = queue.pop(0)
                 running[self.submit(fn, *args_of(job))] = job
             ready, _ = self.ray.wait(list(running), num_returns=len(running), timeout=poll_s)
             yield [(running.pop(ref), *self.result(ref)) for ref in ready]
+
+    def stop_running(self, timeout_s: float) -> list:
+        """Ask every running job to stop and wait for them (at most timeout_s); returns the jobs that ended.
+
+        ray.cancel(force=False) runs the task's SIGINT handler, so a training run finishes its episode and saves a
+        checkpoint, as on Ctrl-C in run.py; a job that has not started never starts."""
+        refs = list(self.running)
+        for ref in refs:
+            self.ray.cancel(ref, force=False)
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        return [self.running.pop(ref) for ref in ready]
 
     def result(self, ref):
         """(value, None) or (None, one error line)."""
@@ -535,6 +547,7 @@ def run_sweep(specs: list[RunSpec], out: str, grid_path: str, *, address: str | 
             return 0
         engine = Engine(address, cpus, gpus, retries)
         holder = f"sweep {os.path.abspath(out)}"
+        previous_sigterm = signal.signal(signal.SIGTERM, interrupt)  # a batch system's stop: as Ctrl-C
         try:
             # Longest first, so the last runs are short ones (two learners: 7.0 vs 4.7 s per episode in the
             # embedded grid, README).
@@ -560,11 +573,13 @@ def run_sweep(specs: list[RunSpec], out: str, grid_path: str, *, address: str | 
                     last_write = time.time()
             bar.close()
         except KeyboardInterrupt:
-            sweep.write()
+            stop_runs(engine, sweep)
             sys.stderr.write("stopped; every run continues from its last checkpoint when you launch the same sweep "
                              "again\n")
             return 130
         finally:
+            if previous_sigterm is not None:  # None: a handler installed outside Python, which stays replaced
+                signal.signal(signal.SIGTERM, previous_sigterm)
             engine.close()
         sweep.write()
     finally:
@@ -576,6 +591,29 @@ def run_sweep(specs: list[RunSpec], out: str, grid_path: str, *, address: str | 
     for name, error in failed:
         sys.stderr.write(f"failed: {name}: {error}\n")
     return 1 if failed else 0
+
+
+STOP_WAIT_S = 300.0
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_runs(engine: Engine, sweep: Sweep) -> None:
+    """Ctrl-C or SIGTERM: the running runs finish their episode and save a checkpoint (a second Ctrl-C: at once)."""
+    names = [spec.name for spec in engine.running.values()]
+    if names:
+        sys.stderr.write(f"stopping: {len(names)} running run(s) finish their episode and save a checkpoint "
+                         f"(Ctrl-C again to stop at once)\n")
+        sys.stderr.flush()
+        try:
+            engine.stop_running(STOP_WAIT_S)
+        except KeyboardInterrupt:
+            pass
+    for name in names:  # pending again, from the checkpoint just saved
+        sweep.states[name].update(state="pending", episode=resume_episode(run_folder(sweep.out, name)))
+    sweep.write()
 
 
 # ------------------------------------------------------------------------------------------- sweep folders

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from moral import cli
-from moral.runio import FolderLock
+from moral.runio import FolderLock, checkpoint_episode, complete_checkpoints
 from moral.sweep import GridError, Sweep, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -463,3 +463,32 @@ def test_the_engine_counts_slots_node_by_node():
                                              r"has 3 node\(s\): 2 with 8 CPU\(s\) and 0 GPU\(s\), 1 with 4 CPU"):
             Engine(None, cpus=12.0, gpus=None, retries=0)
         assert Engine(None, cpus=4.0, gpus=None, retries=0).gpus == 1.0  # a node with a GPU: one per run
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stopped_sweep_lets_its_runs_save_a_checkpoint_first(stop, tmp_path, tiny_chat_model_dir):
+    """Ctrl-C, or the SIGTERM of a batch system's time limit, used to end the sweep at once (Ray killed the
+    runs), losing each run's episodes since its last checkpoint (up to --save-every, 100 by default). Now each
+    running run finishes its episode and saves a checkpoint, as run.py does."""
+    text = open(TINY_GRID).read().replace('seed = [0, 1]', 'seed = [0]').replace('["game", "deont"]', '["deont"]')
+    text = text.replace("episodes = 6", "episodes = 400").replace("save_every = 2", "save_every = 400")
+    grid = write_grid(tmp_path / "long.toml", tiny_chat_model_dir, text)
+    out = tmp_path / "out"
+    proc = spawn(["sweep", grid, "--out", str(out), "--no-progress"])
+    folder = out / "runs" / "deont-tft-seed0"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if json.load(open(folder / "progress.json"))["episode"] >= 3:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(stop)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr
+    assert "stopping: 1 running run(s) finish their episode and save a checkpoint" in stderr
+    saved = [os.path.basename(c) for c in complete_checkpoints(str(folder))]
+    assert len(saved) == 1 and 3 <= checkpoint_episode(saved[0]) < 400, saved
+    run = json.load(open(out / "sweep.json"))["runs"][0]
+    assert run["state"] == "pending" and run["episode"] == checkpoint_episode(saved[0])
