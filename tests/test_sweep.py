@@ -465,11 +465,12 @@ def test_the_engine_counts_slots_node_by_node():
         assert Engine(None, cpus=4.0, gpus=None, retries=0).gpus == 1.0  # a node with a GPU: one per run
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_stopped_sweep_lets_its_runs_save_a_checkpoint_first(stop, tmp_path, tiny_chat_model_dir):
+def test_a_stopped_sweep_lets_its_runs_save_a_checkpoint_first(tmp_path, tiny_chat_model_dir):
     """Ctrl-C, or the SIGTERM of a batch system's time limit, used to end the sweep at once (Ray killed the
     runs), losing each run's episodes since its last checkpoint (up to --save-every, 100 by default). Now each
-    running run finishes its episode and saves a checkpoint, as run.py does."""
+    running run finishes its episode and saves a checkpoint, as run.py does. SIGTERM here: the driver turns it
+    into Ctrl-C's KeyboardInterrupt (both were measured to pass; one is enough for the suite's time)."""
+    stop = signal.SIGTERM
     text = open(TINY_GRID).read().replace('seed = [0, 1]', 'seed = [0]').replace('["game", "deont"]', '["deont"]')
     text = text.replace("episodes = 6", "episodes = 400").replace("save_every = 2", "save_every = 400")
     grid = write_grid(tmp_path / "long.toml", tiny_chat_model_dir, text)
