@@ -370,6 +370,7 @@ class Engine:
                 try:
                     if why:
                         raise ConnectionError(why)
+                    print(f"joining the Ray cluster at {address} ({named.split()[0].split('=')[0]})", flush=True)
                     with stderr_held_back(drop_on=(ConnectionError,)):
                         ray.init(address=address, **kwargs)
                 except ConnectionError as exc:
