@@ -271,9 +271,9 @@ def ray_address(address: str | None) -> tuple[str | None, str]:
     """The cluster to join and where it was named: --address, else RAY_ADDRESS (which ray.init reads by itself too;
     `ray job submit` and many clusters set it), else (None, "") for a local instance."""
     if address:
-        return address, f"--address {address}"
+        return address, "--address"
     env = os.environ.get("RAY_ADDRESS")
-    return (env, f"RAY_ADDRESS={env}") if env else (None, "")
+    return (env, "RAY_ADDRESS") if env else (None, "")
 
 
 def unreachable(address: str, timeout_s: float = RAY_PROBE_TIMEOUT_S) -> str | None:
@@ -363,18 +363,19 @@ class Engine:
         ray_logger = logging.getLogger("ray")
         level = ray_logger.level
         ray_logger.setLevel(logging.ERROR)  # Ray's notes on start-up (token authentication, local instance)
-        address, named = ray_address(address)
+        address, source = ray_address(address)
         try:
             if address:
                 why = unreachable(address)
                 try:
                     if why:
                         raise ConnectionError(why)
-                    print(f"joining the Ray cluster at {address} ({named.split()[0].split('=')[0]})", flush=True)
+                    print(f"joining the Ray cluster at {address} ({source})", flush=True)
                     with stderr_held_back(drop_on=(ConnectionError,)):
                         ray.init(address=address, **kwargs)
                 except ConnectionError as exc:
-                    local = "leave --address out" if named.startswith("--") else "unset RAY_ADDRESS"
+                    named, local = (f"--address {address}", "leave --address out") if source == "--address" else \
+                        (f"RAY_ADDRESS={address}", "unset RAY_ADDRESS")
                     raise UsageError(f"{named}: no Ray cluster answers there ({exc}); start one with `ray start "
                                      f"--head`, or {local} for a local instance{'' if why else auth_hint()}") \
                         from None
