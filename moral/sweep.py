@@ -549,7 +549,6 @@ def run_sweep(specs: list[RunSpec], out: str, grid_path: str, *, address: str | 
             return 0
         engine = Engine(address, cpus, gpus, retries)
         holder = f"sweep {os.path.abspath(out)}"
-        previous_sigterm = signal.signal(signal.SIGTERM, interrupt)  # a batch system's stop: as Ctrl-C
         try:
             # Longest first, so the last runs are short ones (two learners: 7.0 vs 4.7 s per episode in the
             # embedded grid, README).
@@ -558,21 +557,22 @@ def run_sweep(specs: list[RunSpec], out: str, grid_path: str, *, address: str | 
                        disable=not progress, dynamic_ncols=True, desc=f"sweep {len(specs)} runs")
             last_write = 0.0
             args_of = lambda s: (os.path.abspath(run_folder(out, s.name)), s.argv, threads_for(cpus), holder)
-            for finished in engine.run_in_order(train_run, todo, args_of, poll_s):
-                for spec, summary, error in finished:
-                    sweep.done(spec.name, summary, error)
-                    if not progress:
-                        print(f"{spec.name}: {sweep.states[spec.name]['state']}"
-                              + (f" ({error})" if error else ""), flush=True)
-                sweep.poll()
-                bar.n = sweep.episodes_done()
-                c = sweep.counts()
-                bar.set_postfix_str(f"runs: {c['finished'] + c['skipped']} done, {c['running']} running, "
-                                    f"{c['pending']} waiting, {c['failed']} failed", refresh=False)
-                bar.refresh()
-                if time.time() - last_write > 5:
-                    sweep.write()
-                    last_write = time.time()
+            with sigterm_as_ctrl_c():
+                for finished in engine.run_in_order(train_run, todo, args_of, poll_s):
+                    for spec, summary, error in finished:
+                        sweep.done(spec.name, summary, error)
+                        if not progress:
+                            print(f"{spec.name}: {sweep.states[spec.name]['state']}"
+                                  + (f" ({error})" if error else ""), flush=True)
+                    sweep.poll()
+                    bar.n = sweep.episodes_done()
+                    c = sweep.counts()
+                    bar.set_postfix_str(f"runs: {c['finished'] + c['skipped']} done, {c['running']} running, "
+                                        f"{c['pending']} waiting, {c['failed']} failed", refresh=False)
+                    bar.refresh()
+                    if time.time() - last_write > 5:
+                        sweep.write()
+                        last_write = time.time()
             bar.close()
         except KeyboardInterrupt:
             stop_runs(engine, sweep)
@@ -580,8 +580,6 @@ def run_sweep(specs: list[RunSpec], out: str, grid_path: str, *, address: str | 
                              "again\n")
             return 130
         finally:
-            if previous_sigterm is not None:  # None: a handler installed outside Python, which stays replaced
-                signal.signal(signal.SIGTERM, previous_sigterm)
             engine.close()
         sweep.write()
     finally:
@@ -598,8 +596,18 @@ def run_sweep(specs: list[RunSpec], out: str, grid_path: str, *, address: str | 
 STOP_WAIT_S = 300.0
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM (a batch system's stop) raises KeyboardInterrupt in the driver, as Ctrl-C does, inside the block."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler installed outside Python, which stays replaced
+            signal.signal(signal.SIGTERM, previous)
 
 
 def stop_runs(engine: Engine, sweep: Sweep) -> None:
@@ -610,7 +618,8 @@ def stop_runs(engine: Engine, sweep: Sweep) -> None:
                          f"(Ctrl-C again to stop at once)\n")
         sys.stderr.flush()
         try:
-            engine.stop_running(STOP_WAIT_S)
+            with sigterm_as_ctrl_c():  # a second SIGTERM, like a second Ctrl-C, stops at once
+                engine.stop_running(STOP_WAIT_S)
         except KeyboardInterrupt:
             pass
     for name in names:  # pending again, from the checkpoint just saved
@@ -679,13 +688,14 @@ def eval_sweep(path: str, cfg, *, address: str | None = None, cpus: float = 1.0,
     try:
         bar = tqdm(total=len(todo), unit="run", disable=not progress, desc="eval")
         args_of = lambda f: (os.path.abspath(f), cfg_dict, threads_for(cpus))
-        for finished in engine.run_in_order(eval_run, todo, args_of, 2.0):
-            for folder, record, error in finished:
-                bar.update(1)
-                if error:
-                    failed.append((folder, error))
-                else:
-                    done += 1
+        with sigterm_as_ctrl_c():
+            for finished in engine.run_in_order(eval_run, todo, args_of, 2.0):
+                for folder, record, error in finished:
+                    bar.update(1)
+                    if error:
+                        failed.append((folder, error))
+                    else:
+                        done += 1
         bar.close()
     except KeyboardInterrupt:
         sys.stderr.write(f"stopped; {done} of {len(todo)} run(s) evaluated (an unfinished run's eval/ is as it was); "

@@ -493,3 +493,14 @@ def test_a_stopped_sweep_lets_its_runs_save_a_checkpoint_first(tmp_path, tiny_ch
     assert len(saved) == 1 and 3 <= checkpoint_episode(saved[0]) < 400, saved
     run = json.load(open(out / "sweep.json"))["runs"][0]
     assert run["state"] == "pending" and run["episode"] == checkpoint_episode(saved[0])
+
+
+def test_sigterm_is_ctrl_c_inside_the_block_only():
+    """Train and eval sweeps: a batch system's SIGTERM takes Ctrl-C's path (runs save a checkpoint; one line)."""
+    from moral.sweep import sigterm_as_ctrl_c
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_ctrl_c():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this
+    assert signal.getsignal(signal.SIGTERM) is before
