@@ -20,7 +20,10 @@ def test_run_config_is_frozen_documented_and_round_trips_through_json(tmp_path):
     assert isinstance(d, Derived) and [p.episodes for p in d.phases] == [2, 3] and config.episodes == 5
     assert d.batch_size == 3 and config.steps == 3 and config.learners == ("agent", "opponent")
     assert d.ppo == ppo_config(config).to_dict() and d.ppo["seed"] == d.ppo_seed
-    assert set(d.versions) == {"python", "torch", "transformers", "peft"}
+    import peft
+    import transformers
+    assert d.versions == {"python": d.versions["python"], "torch": torch.__version__,
+                          "transformers": transformers.__version__, "peft": peft.__version__}  # metadata = modules
     text = json.dumps(config.to_dict(), default=str)
     assert RunConfig.from_dict(json.loads(text)) == config
     # every field has a docstring (the source says what each setting means)
