@@ -8,7 +8,6 @@ appends the tokens that both action strings start with, so that only the disting
 from __future__ import annotations
 
 import os
-import socket
 import urllib.parse
 from dataclasses import dataclass
 
@@ -196,10 +195,7 @@ def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool | None:
         return None
     from huggingface_hub import constants
 
+    from .network import unreachable
+
     url = urllib.parse.urlsplit(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True
+    return unreachable(url.hostname, url.port or (443 if url.scheme == "https" else 80), timeout_s) is None

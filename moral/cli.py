@@ -174,20 +174,6 @@ def _resumed_config(args):
     return config
 
 
-def _finished_summary(folder: str) -> dict | None:
-    """A finished run's summary.json, or None if the run is unfinished (or its summary cannot be read: resuming
-    writes it again)."""
-    from .runio import is_finished, read_json
-
-    if not is_finished(folder):
-        return None
-    try:
-        summary = read_json(os.path.join(folder, "summary.json"))
-        return summary if all(key in summary for key in ("first_10pct", "last_10pct")) else None
-    except (OSError, ValueError):
-        return None
-
-
 def _new_run_folder(args, config) -> str:
     folder = args.out or os.path.join(
         "runs", f"{config.reward.replace(':', '').replace(',', '_')}-{config.opponent}-seed{config.seed}-"
@@ -203,6 +189,7 @@ def train(argv: list[str], prog: str = PROG) -> None:
     from .agent import ModelUnavailable
     from .config import RunConfig, UsageError
     from .finetune import FineTuning, Interrupted, RunError
+    from .runio import finished_summary
     from .summary import format_summary
     from .sweep import settings_from_args
 
@@ -210,7 +197,7 @@ def train(argv: list[str], prog: str = PROG) -> None:
     try:
         if args.resume:
             config, folder, resume = _resumed_config(args), args.resume, True
-            summary = _finished_summary(folder)
+            summary = finished_summary(folder)
             if summary is not None:  # nothing to continue; its files (final adapter, summary.json) stay as they are
                 print(f"{folder} is finished ({config.episodes} episodes); nothing to continue. Its summary:")
                 print(format_summary(summary))

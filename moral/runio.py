@@ -151,9 +151,9 @@ class FolderLock:
         """Take the lock or raise FolderLocked naming the holder; writes this process into the lock file."""
         os.makedirs(self.folder, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        self.locked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.locked = True
         except BlockingIOError:
             held_by = os.read(fd, 1000).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
@@ -219,6 +219,18 @@ def latest_checkpoint(folder: str) -> str | None:
 def is_finished(folder: str) -> bool:
     """Final adapter and summary written: nothing left to do."""
     return os.path.isdir(os.path.join(folder, "final")) and os.path.isfile(os.path.join(folder, "summary.json"))
+
+
+def finished_summary(folder: str) -> dict | None:
+    """A finished run's summary.json, or None if the run is unfinished or its summary cannot be read (resuming the
+    run writes it again)."""
+    if not is_finished(folder):
+        return None
+    try:
+        summary = read_json(os.path.join(folder, "summary.json"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and {"first_10pct", "last_10pct"} <= set(summary) else None
 
 
 def is_started(folder: str) -> bool:

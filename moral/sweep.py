@@ -34,8 +34,8 @@ import tomllib
 from dataclasses import dataclass, field
 
 from .config import RunConfig, UsageError
-from .runio import FolderLock, FolderLocked, checkpoint_episode, complete_checkpoints, is_finished, is_started, \
-    read_json, write_json_atomic, write_text_atomic
+from .runio import FolderLock, FolderLocked, checkpoint_episode, complete_checkpoints, finished_summary, is_finished, \
+    is_started, read_json, write_json_atomic, write_text_atomic
 
 # Options a grid may not set: the sweep decides them for every run.
 RESERVED = {"out": "the sweep names each run's folder", "resume": "the sweep resumes unfinished runs itself",
@@ -236,8 +236,9 @@ def train_run(folder: str, argv: list[str], threads: int, holder: str) -> dict:
     from .cli import quiet_libraries, train_parser
     from .finetune import FineTuning
 
-    if is_finished(folder):
-        return read_json(os.path.join(folder, "summary.json"))
+    summary = finished_summary(folder)
+    if summary is not None:
+        return summary
     quiet_libraries()
     started = time.time()
     if is_started(folder):
@@ -279,26 +280,17 @@ def ray_address(address: str | None) -> tuple[str | None, str]:
 def unreachable(address: str, timeout_s: float = RAY_PROBE_TIMEOUT_S) -> str | None:
     """Why nothing accepts a TCP connection at a HOST:PORT or ray://HOST:PORT address within timeout_s, or None if
     something does (or the address names no port, as "auto" does). ray.init retries an address where nothing
-    listens for ever (Ray 2.60: a warning every 40 s)."""
-    import socket
+    listens for ever (Ray 2.60: a warning every 40 s, still retrying after 10 min when tried)."""
     import urllib.parse
+
+    from .network import unreachable as tcp_unreachable
 
     url = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}")
     try:
         host, port = url.hostname, url.port
     except ValueError:
         return None
-    if not host or port is None:
-        return None
-    try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
-    except socket.gaierror:
-        return f"unknown host {host!r}"
-    except TimeoutError:
-        return f"no answer from {host}:{port} within {timeout_s:g} s"
-    except OSError as exc:
-        return f"{host}:{port}: {(exc.strerror or str(exc)).lower()}"
-    return None
+    return tcp_unreachable(host, port, timeout_s) if host and port is not None else None
 
 
 def auth_hint() -> str:
@@ -366,19 +358,7 @@ class Engine:
         address, source = ray_address(address)
         try:
             if address:
-                why = unreachable(address)
-                try:
-                    if why:
-                        raise ConnectionError(why)
-                    print(f"joining the Ray cluster at {address} ({source})", flush=True)
-                    with stderr_held_back(drop_on=(ConnectionError,)):
-                        ray.init(address=address, **kwargs)
-                except ConnectionError as exc:
-                    named, local = (f"--address {address}", "leave --address out") if source == "--address" else \
-                        (f"RAY_ADDRESS={address}", "unset RAY_ADDRESS")
-                    raise UsageError(f"{named}: no Ray cluster answers there ({exc}); start one with `ray start "
-                                     f"--head`, or {local} for a local instance{'' if why else auth_hint()}") \
-                        from None
+                self._join(address, source, kwargs)
             else:
                 ray.init(object_store_memory=100 * 2**20, **kwargs)
         finally:
@@ -396,6 +376,22 @@ class Engine:
             self.close()
             raise UsageError(f"--cpus-per-run {cpus:g} --gpus-per-run {gpus:g}: no node can run that; the cluster "
                              f"has {len(nodes)} node(s): {have}")
+
+    def _join(self, address: str, source: str, kwargs: dict) -> None:
+        """ray.init on an existing cluster, or one line (UsageError) saying why not."""
+        why, hint = unreachable(address), ""
+        if why is None:
+            print(f"joining the Ray cluster at {address} ({source})", flush=True)
+            try:
+                with stderr_held_back(drop_on=(ConnectionError,)):
+                    self.ray.init(address=address, **kwargs)
+                return
+            except ConnectionError as exc:  # something answered, but not (or not to us) as a Ray cluster
+                why, hint = str(exc), auth_hint()
+        named, local = (f"--address {address}", "leave --address out") if source == "--address" else \
+            (f"RAY_ADDRESS={address}", "unset RAY_ADDRESS")
+        raise UsageError(f"{named}: no Ray cluster answers there ({why}); start one with `ray start --head`, or "
+                         f"{local} for a local instance{hint}")
 
     def node_resources(self) -> list[dict]:
         """Each live node's resources ({"CPU": 8.0, "GPU": 1.0, ...})."""
@@ -424,8 +420,8 @@ class Engine:
             ready, _ = self.ray.wait(list(running), num_returns=len(running), timeout=poll_s)
             yield [(running.pop(ref), *self.result(ref)) for ref in ready]
 
-    def stop_running(self, timeout_s: float) -> list:
-        """Ask every running job to stop and wait for them (at most timeout_s); returns the jobs that ended.
+    def stop_running(self, timeout_s: float) -> None:
+        """Ask every running job to stop and wait for them to end (at most timeout_s).
 
         ray.cancel(force=False) runs the task's SIGINT handler, so a training run finishes its episode and saves a
         checkpoint, as on Ctrl-C in run.py; a job that has not started never starts."""
@@ -433,7 +429,8 @@ class Engine:
         for ref in refs:
             self.ray.cancel(ref, force=False)
         ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        return [self.running.pop(ref) for ref in ready]
+        for ref in ready:
+            self.running.pop(ref)
 
     def result(self, ref):
         """(value, None) or (None, one error line)."""
@@ -622,8 +619,12 @@ def stop_runs(engine: Engine, sweep: Sweep) -> None:
                 engine.stop_running(STOP_WAIT_S)
         except KeyboardInterrupt:
             pass
-    for name in names:  # pending again, from the checkpoint just saved
-        sweep.states[name].update(state="pending", episode=resume_episode(run_folder(sweep.out, name)))
+    for name in names:  # pending again, from the checkpoint just saved (or finished, if it ended meanwhile)
+        folder = run_folder(sweep.out, name)
+        if is_finished(folder):
+            sweep.states[name].update(state="finished", episode=sweep.states[name]["episodes"])
+        else:
+            sweep.states[name].update(state="pending", episode=resume_episode(folder))
     sweep.write()
 
 
