@@ -90,6 +90,14 @@ class Codec:
 
 
     @property
+    def draft(self) -> list[tuple[int, ...]] | None:
+        """The legal answers' tokens after the prefix, to be computed with the queries (ppo_core's `draft`): a
+        model that answers legally then samples a multi-token answer in one pass. None for one-token answers."""
+        if self.plan.gen_len < 2:
+            return None
+        return sorted({ids[len(self.plan.prefix_ids):] for ids in self.plan.action_ids})
+
+    @property
     def probe_tokens(self) -> list[int] | None:
         """When each action is one token after the prefix, those two tokens: their first-step probabilities are
         then the exact probabilities of answering C and D."""
@@ -109,10 +117,11 @@ class Decision:
 
 
 def decide(codec: Codec, sampler, prompts: list[str]) -> list[Decision]:
-    """Answer a batch of prompts with one sampling call. sampler(queries, max_new_tokens=n, probe_tokens=...)."""
+    """Answer a batch of prompts with one sampling call.
+    sampler(queries, max_new_tokens=n, probe_tokens=..., draft=...)."""
     queries = [codec.query(p) for p in prompts]  # host tensors: ppo_core keys them on the CPU
     probe = codec.probe_tokens
-    rollout = sampler(queries, max_new_tokens=codec.plan.gen_len, probe_tokens=probe)
+    rollout = sampler(queries, max_new_tokens=codec.plan.gen_len, probe_tokens=probe, draft=codec.draft)
     probs = rollout.probe_logprobs.exp().tolist() if probe else [(None, None)] * len(queries)
     out = []
     for q, r, (p_c, p_d) in zip(queries, rollout.responses, probs):

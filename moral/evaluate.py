@@ -140,12 +140,13 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
     tokens_before = policy.backbone_tokens
 
     def sampler(model: str):
-        def run(queries, max_new_tokens, probe_tokens=None):
+        def run(queries, max_new_tokens, probe_tokens=None, draft=None):
             context = policy.reference() if model == "reference" else policy.adapter("agent")
             with torch.no_grad(), context:
                 return sample(policy, queries, max_new_tokens=max_new_tokens, temperature=run_config.temperature,
                               pad_token_id=tokenizer.pad_token_id or 0, generator=generator,
-                              memo=memos[model], probe_tokens=probe_tokens, max_tokens=cfg.token_budget)
+                              memo=memos[model], probe_tokens=probe_tokens, max_tokens=cfg.token_budget,
+                              draft=draft)
         return run
 
     blocks = plan_blocks(cfg)

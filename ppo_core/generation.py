@@ -57,7 +57,7 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
            top_k: int = 0, top_p: float = 1.0, stop_at_eos: bool = False, eos_token_id=None,
            pad_token_id: int = 0, generator: torch.Generator | None = None, keep_graph: bool = False,
            tree: PromptTree | None = None, max_tokens: int | None = None, memo: dict | None = None,
-           probe_tokens: list[int] | None = None) -> Rollout:
+           probe_tokens: list[int] | None = None, draft: list[tuple[int, ...]] | None = None) -> Rollout:
     """Sample responses for ragged queries (each [L_i] long, preferably on the CPU: they are keyed on the host)
     with the policy's active adapter (or inside ``policy.reference()``). Responses come back as CPU tensors.
 
@@ -70,6 +70,11 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
     *same* weights, from earlier calls; only the queries it lacks are computed, in trees of max_tokens nodes.
     Models that cannot take the tree's mask use left-padded batches (identical queries share one prefill).
     probe_tokens: token ids whose first-step log-probs to return (e.g. the two actions' first tokens).
+    draft: likely starts of the answers (token sequences, e.g. the legal answers' first tokens), computed below each
+    query in its first pass (tree path only; their first max_new_tokens - 1 tokens). Where the sampled tokens follow
+    a drafted path, the next steps' states are already in the tree, so a multi-token answer takes one backbone pass
+    instead of one per token. The numbers are those of the undrafted computation (the same nodes, in another pass);
+    a wrong guess costs its tokens, which nothing attends to.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
@@ -79,8 +84,9 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
         raise ValueError("stop_at_eos=True needs eos_token_id")
     eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                            device=policy.device, dtype=torch.long)
+    drafts = sorted({tuple(int(t) for t in d[:max_new_tokens - 1]) for d in draft or ()} - {()})
     run = _Sampling(policy, max_new_tokens, temperature, top_k, top_p, stop_at_eos, eos_ids, generator,
-                    keep_graph, probe_tokens)
+                    keep_graph, probe_tokens, drafts)
     if not policy.tree_supported:
         return run.padded(queries, pad_token_id, memo)
     if tree is not None:
@@ -89,7 +95,7 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
         return run.memoised(queries, memo, max_tokens)
     keys = [tuple(q.tolist()) for q in queries]
     order = sorted(range(len(keys)), key=keys.__getitem__)
-    chunks = subtree_chunks([keys[i] for i in order], max_tokens)
+    chunks = subtree_chunks([keys[i] for i in order], max_tokens, extra=sum(map(len, drafts)))
     if len(chunks) == 1:
         return run.tree(queries, PromptTree(policy), None)
     parts, rows = [], []
@@ -105,10 +111,11 @@ class _Sampling:
     """One sampling call's settings; `tree` and `padded` are its two ways of computing the steps."""
 
     def __init__(self, policy, max_new_tokens, temperature, top_k, top_p, stop_at_eos, eos_ids, generator,
-                 keep_graph, probe_tokens):
+                 keep_graph, probe_tokens, drafts):
         self.policy, self.max_new_tokens, self.temperature = policy, max_new_tokens, temperature
         self.top_k, self.top_p, self.stop_at_eos, self.eos_ids = top_k, top_p, stop_at_eos, eos_ids
         self.generator, self.keep_graph, self.probe_tokens = generator, keep_graph, probe_tokens
+        self.drafts = drafts
 
     def heads(self, hidden: torch.Tensor):
         """Logits (temperature applied) and, when keeping the graph, values of the states `hidden` [B, H]."""
@@ -116,9 +123,13 @@ class _Sampling:
                 self.policy.values(hidden) if self.keep_graph else None)
 
     def tree(self, queries, tree: PromptTree, max_tokens) -> Rollout:
-        """The queries' new nodes, then one child per row and sampled token, computed as the tree grows."""
+        """The queries' new nodes and drafted answers, then one child per row and sampled token (none to compute
+        where it was drafted), computed as the tree grows."""
         with torch.set_grad_enabled(self.keep_graph):
             lasts = [tree.insert(q.tolist())[-1] for q in queries]
+            for last in dict.fromkeys(lasts):
+                for draft in self.drafts:
+                    tree.insert(draft, parent=last)
             tree.compute(max_tokens)
 
             def advance(token):

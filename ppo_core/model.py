@@ -194,6 +194,8 @@ class PolicyModel(nn.Module):
         """False: compute padded sequences even where the prompt tree works (benchmarks compare the two)."""
         self.backbone_tokens = 0
         """Tokens that went through the backbone so far (padding included), for ppo/tokens_computed."""
+        self.backbone_passes = 0
+        """Forward passes through the backbone so far (each has a fixed cost, whatever its tokens)."""
         import inspect
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self._backbone.forward).parameters \
             else "past_key_values"
@@ -285,6 +287,7 @@ class PolicyModel(nn.Module):
                       use_cache: bool = False):
         """Final (normed) hidden states. input_ids [B, T] -> ([B, T, H], cache or None)."""
         self.backbone_tokens += input_ids.numel()
+        self.backbone_passes += 1
         cache = {self._cache_kwarg: past_key_values} if past_key_values is not None else {}
         with self._compute_context():
             out = self._backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -332,6 +335,7 @@ class PolicyModel(nn.Module):
         masks = {kind: self.attention_mask_4d(m, implementation) for kind, m in visible.items()}
         mask = masks if "sliding_attention" in masks else masks["full_attention"]
         self.backbone_tokens += input_ids.numel()
+        self.backbone_passes += 1
         config = self.config.get_text_config()
         chosen = config._attn_implementation
         with self._compute_context():
@@ -354,9 +358,9 @@ class PolicyModel(nn.Module):
         if not self.use_prompt_tree:
             return False
         if self._tree_supported is None:
-            counted = self.backbone_tokens  # the probe is not any step's work
+            counted = self.backbone_tokens, self.backbone_passes  # the probe is not any step's work
             self._tree_supported = self._probe_tree()
-            self.backbone_tokens = counted
+            self.backbone_tokens, self.backbone_passes = counted
         return self._tree_supported
 
     @torch.no_grad()

@@ -87,12 +87,15 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------------------------------------- rollout
     def generate(self, queries: list[torch.Tensor], *, max_new_tokens: int, top_k: int = 0, top_p: float = 1.0,
-                 stop_at_eos: bool = False, eos_token_id=None, probe_tokens: list[int] | None = None) -> Rollout:
+                 stop_at_eos: bool = False, eos_token_id=None, probe_tokens: list[int] | None = None,
+                 draft: list[tuple[int, ...]] | None = None) -> Rollout:
         """Sample responses with this trainer's adapter, temperature and random stream (see generation.sample).
-        The calls between two steps grow one prompt tree: a token an earlier call computed is not computed again."""
+        The calls between two steps grow one prompt tree: a token an earlier call computed is not computed again.
+        draft: likely answer starts, computed with the queries so that a multi-token answer that follows one
+        needs a single pass (generation.sample)."""
         return self.shortcuts.sample(queries, max_new_tokens=max_new_tokens, temperature=self.config.temperature,
                                      top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
-                                     generator=self.sample_generator, probe_tokens=probe_tokens)
+                                     generator=self.sample_generator, probe_tokens=probe_tokens, draft=draft)
 
     def discard_rollouts(self) -> None:
         """Drop kept sampling graphs, the prompt tree and weight casts (e.g. when a batch is not stepped)."""

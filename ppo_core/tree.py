@@ -127,18 +127,20 @@ def tree_size(sequences: list[tuple[int, ...]]) -> list[int]:
     return sizes
 
 
-def subtree_chunks(sequences: list[tuple[int, ...]], max_tokens: int | None) -> list[list[int]]:
+def subtree_chunks(sequences: list[tuple[int, ...]], max_tokens: int | None, extra: int = 0) -> list[list[int]]:
     """Indices of lexicographically sorted `sequences` grouped into consecutive chunks whose trees have at most
     max_tokens nodes (a sequence longer than that gets a chunk of its own): shared prefixes stay together, and a
-    tree that does not fit is split, never truncated."""
+    tree that does not fit is split, never truncated. extra: nodes each distinct sequence adds below its end (e.g.
+    drafted answers)."""
     if max_tokens is None:
         return [list(range(len(sequences)))] if sequences else []
     chunks, size = [], 0
     for i, (seq, new) in enumerate(zip(sequences, tree_size(sequences))):
+        new += extra if new else 0
         if chunks and size + new <= max_tokens:
             chunks[-1].append(i)
             size += new
         else:
             chunks.append([i])
-            size = len(seq)
+            size = len(seq) + extra
     return chunks

@@ -145,3 +145,16 @@ def test_real_process_reports_bad_input_without_traceback():
     proc = subprocess.run([sys.executable, "run.py", "--reward", "kant"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "error: unknown reward 'kant'; choose one of game, deont, util, game+deont"
+
+
+def test_the_codec_drafts_the_legal_answers_of_a_multi_token_protocol(chat_tokenizer_dir):
+    """The paper's protocol samples 'action' + digit (SmolLM2's tokens 4667, 33/34): the draft is the two legal
+    answers (sampling computes their first token, shared, with the query); with the answer prefix only the digit is
+    sampled and nothing is drafted."""
+    from transformers import AutoTokenizer
+    from games.prompts import get_tokens
+    from moral.agent import Codec
+    tokenizer = AutoTokenizer.from_pretrained(chat_tokenizer_dir)
+    paper = Codec(tokenizer, get_tokens("action12"), "none")
+    assert paper.plan.gen_len == 2 and paper.draft == [(4667, 33), (4667, 34)]
+    assert Codec(tokenizer, get_tokens("action12"), "prefix").draft is None

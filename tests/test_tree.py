@@ -268,3 +268,108 @@ def test_subtree_chunks_split_within_the_budget_and_never_truncate():
         nodes = len({seqs[i][:k] for i in chunk for k in range(1, len(seqs[i]) + 1)})
         assert nodes <= 8 or len(chunk) == 1
     assert subtree_chunks(seqs, None) == [list(range(len(seqs)))]
+
+
+def counting_passes(policy) -> list[int]:
+    """Record the tokens of every packed backbone pass of `policy` (a list the caller reads)."""
+    passes, real = [], policy.packed_hidden_states
+
+    def counted(input_ids, *args, **kwargs):
+        passes.append(input_ids.shape[1])
+        return real(input_ids, *args, **kwargs)
+
+    policy.packed_hidden_states = counted
+    return passes
+
+
+@pytest.mark.parametrize("arch, attn", ARCHS, ids=[f"{a}-{b}" for a, b in ARCHS])
+def test_drafted_answers_sample_the_same_in_one_pass_per_call(arch, attn):
+    """Sequential two-token calls growing one tree with graph, as in an episode: drafting every possible first
+    token (so every draw follows a draft) samples the same tokens with the same log-probs, values and LoRA
+    gradients as no draft (fp32, TOL), in one backbone pass per call whose query adds nodes (the undrafted calls
+    take two each); the drafted nodes nobody follows are computed once and change nothing."""
+    queries = (BASE, torch.cat([BASE[:11], OTHER[:6]]), BASE, BASE[:9])
+    vocab = 64
+    results = {}
+    for mode in ("draft", "none"):
+        policy = make_policy(arch, attn)
+        assert policy.tree_supported  # the one-time probe, before counting
+        passes, tree = counting_passes(policy), PromptTree(policy)
+        generator = torch.Generator().manual_seed(0)
+        draft = [(t,) for t in range(vocab)] if mode == "draft" else None
+        rollouts = [sample(policy, [q], max_new_tokens=2, generator=generator, keep_graph=True, tree=tree,
+                           draft=draft) for q in queries]
+        loss = sum(r.logprobs_graph.sum() + r.values_graph.sum() for r in rollouts)
+        loss.backward()
+        results[mode] = ([r.responses[0].tolist() for r in rollouts], torch.cat([r.logprobs for r in rollouts]),
+                         torch.cat([r.values_graph.detach() for r in rollouts]),
+                         [p.grad.clone() for p in policy.trainable_parameters("agent")], passes, len(tree))
+    (tokens, logprobs, values, grads, passes, nodes) = results["draft"]
+    (tokens_n, logprobs_n, values_n, grads_n, passes_n, nodes_n) = results["none"]
+    assert tokens == tokens_n
+    assert torch.allclose(logprobs, logprobs_n, atol=TOL, rtol=TOL)
+    assert torch.allclose(values, values_n, atol=TOL, rtol=TOL)
+    for a, b in zip(grads, grads_n):
+        assert torch.allclose(a, b, atol=TOL, rtol=TOL)
+    # the third query is the first again (nothing new); the fourth ends inside the first, where no draft hangs yet
+    assert len(passes) == 3 and len(passes_n) > len(passes) and policy.backbone_passes == len(passes_n)
+    # three distinct query ends, each drafted once; the draft BASE[9] below BASE[:9] is a node of the first query
+    assert nodes == 20 + 6 + 3 * vocab - 1 and sum(passes) == nodes
+    assert sum(passes_n) == nodes_n
+
+
+def test_a_wrong_draft_changes_nothing_but_its_own_tokens_and_drafts_fit_the_budget():
+    """A draft that no draw follows: the same tokens and log-probs as no draft, one extra node per distinct query
+    (and per draft token), in the passes the undrafted call takes; drafts beyond max_new_tokens - 1 tokens are cut,
+    and a one-token answer drafts nothing. Fresh trees split by the budget count the drafted nodes."""
+    queries = random_queries(6, seed=4)
+    out = {}
+    for draft in (None, [(63, 62, 61)]):
+        policy = make_policy("llama", "eager")
+        assert policy.tree_supported
+        passes = counting_passes(policy)
+        generator = torch.Generator().manual_seed(1)
+        rollout = sample(policy, queries, max_new_tokens=2, generator=generator, draft=draft)
+        out[draft is None] = (rollout, passes)
+    (drafted, passes), (plain, passes_n) = out[False], out[True]
+    assert all(r[0] != 63 for r in plain.responses)  # the draft is wrong for every query
+    assert [r.tolist() for r in drafted.responses] == [r.tolist() for r in plain.responses]
+    assert torch.allclose(drafted.logprobs, plain.logprobs, atol=TOL, rtol=TOL)
+    distinct = len({tuple(q.tolist()) for q in queries})
+    assert len(passes) == len(passes_n) == 2 and sum(passes) == sum(passes_n) + distinct
+
+    policy = make_policy("llama", "eager")
+    tree = PromptTree(policy)
+    sample(policy, [BASE], max_new_tokens=1, tree=tree, draft=[(5, 6)])
+    assert len(tree) == len(BASE)
+
+    seqs = sorted({tuple(q.tolist()) for q in queries})
+    for budget in (10, 16, 25):
+        for chunk in subtree_chunks(seqs, budget, extra=2):
+            nodes = len({seqs[i][:k] for i in chunk for k in range(1, len(seqs[i]) + 1)}) + 2 * len(chunk)
+            assert nodes <= budget or len(chunk) == 1
+
+
+def test_a_fused_update_after_drafted_sampling_is_the_update_without_drafts():
+    """PPOTrainer: three sequential two-token calls and one fused step, drafting every first token or nothing: the
+    same answers, losses and LoRA gradients (fp32; rtol 1e-4, atol 1e-6), and ppo/tokens_computed counts the
+    drafted nodes too."""
+    queries = random_queries(6, seed=12)
+    scores = [1.0, -1.0, 0.5, 0.0, 2.0, -2.0]
+    results = {}
+    for draft in ([(t,) for t in range(64)], None):
+        trainer = PPOTrainer(PPOConfig(batch_size=6, mini_batch_size=6, ppo_epochs=1, learning_rate=1e-3, seed=0),
+                             tiny_policy(0), "agent")
+        responses = []
+        for pair in (queries[:2], queries[2:4], queries[4:]):
+            responses += trainer.generate(pair, max_new_tokens=2, draft=draft).responses
+        stats = trainer.step(queries, responses, scores)
+        assert stats["ppo/fused_rollout"] == 1.0
+        results[draft is None] = ([r.tolist() for r in responses], [p.grad.clone() for p in trainer.params], stats)
+    (tokens, grads, stats), (tokens_n, grads_n, stats_n) = results[False], results[True]
+    assert tokens == tokens_n
+    for a, b in zip(grads, grads_n):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    for key in ("ppo/loss/policy", "ppo/loss/value", "objective/kl", "objective/entropy"):
+        assert stats[key] == pytest.approx(stats_n[key], rel=1e-4, abs=1e-6)
+    assert stats["ppo/tokens_computed"] > stats_n["ppo/tokens_computed"]
