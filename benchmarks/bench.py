@@ -514,15 +514,25 @@ class Workload:
     prompt_len: int = 200
     pool: int = 16
     """Distinct prompts drawn from."""
+    greedy: bool = False
+    """Greedy answers (top_k=1), so that a draft can follow them (random weights answer nothing legal)."""
+    draft: bool = False
+    """Draft the first tokens of the answers seen so far (every greedy draw then follows one, as for a model that
+    answers legally with the codec's draft); greedy only."""
 
 
 def run_episode(trainers: dict, pool: list[torch.Tensor], work: Workload, rng: random.Random, clock: Clock,
-                totals: dict, dims: Dims | None = None, quantize: str = "4bit", dtype_bytes: int = 2) -> dict:
+                totals: dict, dims: Dims | None = None, quantize: str = "4bit", dtype_bytes: int = 2,
+                drafts: dict | None = None) -> dict:
     """A synthetic episode of the job's shape for models without a tokenizer (the GPU suite's random-weight Gemma-2):
     N steps; at each step every learner answers G prompts drawn from `pool` in one generate call; then one PPO step
     per learner on its G x N samples with random scores. The real episode (prompts, games, rewards) is
     moral.finetune.FineTuning.run_episode, which the CPU benchmark times. Returns timings, PPO timings and counted
-    work; set trainer.sync_timing for device-synchronised PPO timings (run_case does)."""
+    work; set trainer.sync_timing for device-synchronised PPO timings (run_case does). drafts: {learner: set of
+    answer starts seen}, kept across episodes by the caller (Workload.draft)."""
+    drafts = {} if drafts is None else drafts
+    policies = list({id(t.policy): t.policy for t in trainers.values()}.values())  # learners may share one
+    passes_before = sum(p.backbone_passes for p in policies)
     for key in ("generation_s", "step_s"):
         totals[key] = 0.0
     batches = {name: ([], [], []) for name in trainers}
@@ -534,8 +544,13 @@ def run_episode(trainers: dict, pool: list[torch.Tensor], work: Workload, rng: r
         for name, trainer in trainers.items():
             idx = [rng.randrange(len(pool)) for _ in range(work.games)]
             queries = [pool[i] for i in idx]
+            options = {"top_k": 1} if work.greedy else {}
+            seen = drafts.setdefault(name, set())
+            if work.draft:
+                options["draft"] = sorted(seen)
             with clock.region(totals, "generation_s"):
-                rollout = trainer.generate(queries, max_new_tokens=work.gen_len)
+                rollout = trainer.generate(queries, max_new_tokens=work.gen_len, **options)
+            seen.update(tuple(r[:1].tolist()) for r in rollout.responses)
             q, r, s = batches[name]
             q.extend(queries)
             r.extend(rollout.responses)
@@ -572,6 +587,7 @@ def run_episode(trainers: dict, pool: list[torch.Tensor], work: Workload, rng: r
     record["oom_backoffs"] = sum(st.get("ppo/oom_backoffs", 0.0) for st in stats.values())
     record["distinct_prefills"] = sum(sum(v) for v in distinct.values())
     record["tokens_computed"] = sum(st["ppo/tokens_computed"] for st in stats.values())
+    record["backbone_passes"] = sum(p.backbone_passes for p in policies) - passes_before
     tree = any(trainer.policy.tree_supported for trainer in trainers.values())
     if dims is not None and not tree:  # the FLOP model counts the padded computation
         w = Work(dims, quantize, dtype_bytes)
@@ -605,9 +621,13 @@ def run_case(trainers: dict, pool: list[torch.Tensor], work: Workload, *, warmup
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     resident = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else None
-    records = []
+    records, drafts = [], {}
+    if work.draft:  # start from every pool prompt's greedy first token (later answers are added as they come)
+        for name, trainer in trainers.items():
+            drafts[name] = {tuple(r[:1].tolist()) for r in trainer.generate(pool, max_new_tokens=1, top_k=1).responses}
+            trainer.discard_rollouts()
     for i in range(warmup + measured):
-        rec = run_episode(trainers, pool, work, rng, clock, totals, dims, quantize, dtype_bytes)
+        rec = run_episode(trainers, pool, work, rng, clock, totals, dims, quantize, dtype_bytes, drafts)
         if log:
             log(f"    episode {i + 1}/{warmup + measured}{' (warm-up)' if i < warmup else ''}: "
                 f"{rec['episode_s']:.3f} s, fused={rec['fused_rollout']:.0f}")
@@ -633,6 +653,7 @@ def run_case(trainers: dict, pool: list[torch.Tensor], work: Workload, *, warmup
         "ref_cache_hit_rate": med(r["ref_cache_hit_rate"] for r in records),
         "distinct_prefills_per_episode": med(r["distinct_prefills"] for r in records),
         "tokens_computed_per_episode": med(r["tokens_computed"] for r in records),
+        "backbone_passes_per_episode": med(r["backbone_passes"] for r in records),
         "prompt_tree": any(t.policy.tree_supported for t in trainers.values()),
         "losses_finite": all(r["loss_finite"] for r in records),
         "skipped_steps": max(r["skipped_steps"] for r in records),

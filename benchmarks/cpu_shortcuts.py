@@ -2,7 +2,7 @@
 
     python -m benchmarks.cpu_shortcuts [PART ...]   (all five parts: about 5 minutes; run it on an idle machine)
 
-PART is attention, adam, accuracy, reference or switch (default: all, in this order).
+PART is attention, adam, accuracy, reference, switch or draft (default: all, in this order).
 
 1. Attention of packed passes (`PolicyModel.EAGER_PAIRS_CPU`): one recorded main-job episode replayed with the size
    rule (eager attention up to 2^18 query-key pairs) and with SDPA for every pass, alternating, medians of 5; then
@@ -20,6 +20,10 @@ PART is attention, adam, accuracy, reference or switch (default: all, in this or
 5. Switching between two learners' adapters (`--opponent llm`: six switches per episode): peft's `set_adapter` (then
    every adapter made trainable again) vs `PolicyModel.set_adapter` on the same model with two adapters, to the
    other learner and back 20 times, median.
+6. Drafted answers in the paper's protocol (`--format-aid none`: 'action' + digit, two sampled tokens per step): one
+   recorded episode of the embedded model replayed with greedy sampling (top_k=1, so that the same answers come
+   every time) without a draft and with its answers' first tokens drafted (every draw follows the draft, as for a
+   model that answers legally with the codec's draft), alternating, medians of 5; backbone passes and tokens.
 """
 
 from __future__ import annotations
@@ -155,8 +159,51 @@ def learner_switch() -> None:
         print(f"  {name:<24} {median_s(there_and_back, 20) / 2 * 1e3:.2f} ms per switch")
 
 
+def drafted_answers() -> None:
+    from benchmarks.episode_profile import recorded_episode
+    from moral.config import RunConfig
+
+    folder = tempfile.mkdtemp(prefix="cpu-shortcuts-")
+    try:
+        run, replay = recorded_episode(folder, RunConfig(episodes=10, format_aid="none"))
+        trainer, policy = run.trainers["agent"], run.policy
+        passes, answers = [], []
+        packed, generate = policy.packed_hidden_states, trainer.generate
+
+        def counted(ids, *args, **kwargs):
+            passes.append(ids.shape[1])
+            return packed(ids, *args, **kwargs)
+
+        def recorded(queries, **kwargs):
+            rollout = generate(queries, **kwargs)
+            answers.extend(r.tolist() for r in rollout.responses)
+            return rollout
+
+        policy.packed_hidden_states, trainer.generate = counted, recorded
+        replay(top_k=1, draft=None)
+        firsts = sorted({(a[0],) for a in answers})
+        times = {"no draft": [], "drafted": []}
+        counts = {}
+        for _ in range(5):
+            for name, draft in (("no draft", None), ("drafted", firsts)):
+                passes.clear()
+                answers.clear()
+                start = time.perf_counter()
+                stats = replay(top_k=1, draft=draft)
+                times[name].append(time.perf_counter() - start)
+                counts[name] = (len(passes), stats["ppo/tokens_computed"], [a[:1] for a in answers])
+        run.logs.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert counts["drafted"][2] == counts["no draft"][2]  # the same greedy answers
+    print(f"paper protocol, replayed episode (greedy answers {answers}; drafted first tokens {firsts}), median of 5:")
+    for name, t in times.items():
+        print(f"  {name:<9} {statistics.median(t):.2f} s   {counts[name][0]} backbone passes, "
+              f"{counts[name][1]:.0f} tokens")
+
+
 PARTS = {"attention": attention, "adam": adam, "accuracy": attention_accuracy, "reference": reference_switch,
-         "switch": learner_switch}
+         "switch": learner_switch, "draft": drafted_answers}
 
 if __name__ == "__main__":
     import sys

@@ -18,7 +18,8 @@ import time
 def recorded_episode(folder: str, config=None):
     """A fresh main-job run in `folder` (`config`: a moral.config.RunConfig, default the main job's with 10
     episodes) after two warm-up episodes, and a function that replays its third episode's five sampling calls and
-    PPO step (same prompts each time) and returns the step's statistics."""
+    PPO step (same prompts each time; keyword arguments override the sampling calls') and returns the step's
+    statistics."""
     from moral.config import RunConfig
     from moral.finetune import FineTuning
 
@@ -36,11 +37,12 @@ def recorded_episode(folder: str, config=None):
     run.run_episode()
     trainer.generate = generate
 
-    def replay() -> dict:
+    def replay(**overrides) -> dict:
+        """The episode's sampling calls (their arguments updated by `overrides`, e.g. top_k or draft) and step."""
         queries, responses = [], []
         for q, kwargs in calls:
             queries += q
-            responses += trainer.generate(q, **kwargs).responses
+            responses += trainer.generate(q, **{**kwargs, **overrides}).responses
         return trainer.step(queries, responses, [float((-1) ** i * (i % 3)) for i in range(len(queries))])
 
     return run, replay

@@ -10,7 +10,9 @@ soft-capping), `PolicyModel` with LoRA r=64 alpha=32 on all linear layers and a 
 settings. Prompts are random token ids, drawn from a pool of 16 distinct prompts like the job's 16 training prompts.
 
 Cases (per model): the paper's episode (G=1 game, 5 sequential steps, 2 sampled tokens, one update), the same
-without the fused rollout, the main job's answer-prefix variant (1 token), G=8 and G=64 games side by side (a case
+without the fused rollout and without the prompt tree, with greedy answers without and with their first tokens
+drafted (one pass per step where a legal answer's first token is drafted), the main job's answer-prefix variant (1
+token), G=8 and G=64 games side by side (a case
 that runs out of memory with the fused rollout is retried with fuse_rollout=False and a token budget), and two
 learners on one base (adapters "agent"/"opponent", two trainers, 3 steps as in LLM-vs-LLM). Results go to
 <out>/cuda-<device name>.json, rewritten after every case so that a run stopped by a time limit keeps what it did.
@@ -60,6 +62,10 @@ def _cases(tiny: bool, quick: bool) -> list[dict]:
              ppo=dict(fuse_rollout=False)),
         dict(name="paper_G1_no_tree", work=dict(games=1, steps=5, gen_len=2), learners=1, episodes=n(2, 5),
              tree=False),
+        dict(name="paper_G1_greedy", work=dict(games=1, steps=5, gen_len=2, greedy=True), learners=1,
+             episodes=n(2, 5)),
+        dict(name="paper_G1_greedy_drafted", work=dict(games=1, steps=5, gen_len=2, greedy=True, draft=True),
+             learners=1, episodes=n(2, 5)),
         dict(name="prefix_G1", work=dict(games=1, steps=5, gen_len=1), learners=1, episodes=n(2, 5)),
         dict(name="paper_G8", work=dict(games=8, steps=5, gen_len=2), learners=1, episodes=n(2, 5)),
         dict(name="paper_G8_no_tree", work=dict(games=8, steps=5, gen_len=2), learners=1, episodes=n(2, 5),

@@ -17,8 +17,8 @@ from ppo_core.testing import tiny_llama_config
 
 pytestmark = pytest.mark.cpu_benchmark
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = ["paper_G1", "paper_G1_unfused", "paper_G1_no_tree", "prefix_G1", "paper_G8", "paper_G8_no_tree",
-         "paper_G64", "two_learners_G1"]
+CASES = ["paper_G1", "paper_G1_unfused", "paper_G1_no_tree", "paper_G1_greedy", "paper_G1_greedy_drafted", "prefix_G1",
+         "paper_G8", "paper_G8_no_tree", "paper_G64", "two_learners_G1"]
 
 
 @pytest.fixture
@@ -56,6 +56,8 @@ def test_gpu_suite_runs_end_to_end_on_cpu_with_tiny_gemma2(dtype, tmp_path, one_
         assert cases[f"paper_{size}"]["tokens_computed_per_episode"] < \
             cases[f"paper_{size}_no_tree"]["tokens_computed_per_episode"], size
     cases = block["cases"]
+    greedy, drafted = cases["paper_G1_greedy"], cases["paper_G1_greedy_drafted"]
+    assert drafted["backbone_passes_per_episode"] < greedy["backbone_passes_per_episode"]  # one pass per step
     assert cases["paper_G1"]["fused_rollout"] == 1.0 and cases["paper_G1_unfused"]["fused_rollout"] == 0.0
     assert cases["prefix_G1"]["gen_len"] == 1 and cases["prefix_G1"]["ref_cache_hit_rate"] > 0
     # the simulated out-of-memory error in the fused G=64 case falls back to the recomputed forward
