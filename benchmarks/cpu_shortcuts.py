@@ -166,39 +166,33 @@ def drafted_answers() -> None:
     folder = tempfile.mkdtemp(prefix="cpu-shortcuts-")
     try:
         run, replay = recorded_episode(folder, RunConfig(episodes=10, format_aid="none"))
-        trainer, policy = run.trainers["agent"], run.policy
-        passes, answers = [], []
-        packed, generate = policy.packed_hidden_states, trainer.generate
-
-        def counted(ids, *args, **kwargs):
-            passes.append(ids.shape[1])
-            return packed(ids, *args, **kwargs)
+        trainer, answers = run.trainers["agent"], []
+        generate = trainer.generate
 
         def recorded(queries, **kwargs):
             rollout = generate(queries, **kwargs)
             answers.extend(r.tolist() for r in rollout.responses)
             return rollout
 
-        policy.packed_hidden_states, trainer.generate = counted, recorded
+        trainer.generate = recorded
         replay(top_k=1, draft=None)
         firsts = sorted({(a[0],) for a in answers})
         times = {"no draft": [], "drafted": []}
         counts = {}
         for _ in range(5):
             for name, draft in (("no draft", None), ("drafted", firsts)):
-                passes.clear()
                 answers.clear()
                 start = time.perf_counter()
                 stats = replay(top_k=1, draft=draft)
                 times[name].append(time.perf_counter() - start)
-                counts[name] = (len(passes), stats["ppo/tokens_computed"], [a[:1] for a in answers])
+                counts[name] = (stats["ppo/backbone_passes"], stats["ppo/tokens_computed"], list(answers))
         run.logs.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     assert counts["drafted"][2] == counts["no draft"][2]  # the same greedy answers
     print(f"paper protocol, replayed episode (greedy answers {answers}; drafted first tokens {firsts}), median of 5:")
     for name, t in times.items():
-        print(f"  {name:<9} {statistics.median(t):.2f} s   {counts[name][0]} backbone passes, "
+        print(f"  {name:<9} {statistics.median(t):.2f} s   {counts[name][0]:.0f} backbone passes, "
               f"{counts[name][1]:.0f} tokens")
 
 

@@ -88,7 +88,7 @@ class Shortcuts:
         self._tree: PromptTree | None = None  # the rollout's prompt tree under the current weights
         self._memo: dict = {}    # padded fallback: query -> first-token (logits, value), until the weights change
         self._fused: dict = {}   # (query, response) -> (logprobs [R], values [R], entropy [R]) with graph
-        self._tokens = 0         # backbone tokens since the last take_tokens_computed()
+        self._tokens = self._passes = 0  # backbone tokens and forward passes since the last take_computed()
 
     @property
     def fusable(self) -> bool:
@@ -259,10 +259,10 @@ class Shortcuts:
         self.oom_backoffs += 1
         return True
 
-    def take_tokens_computed(self) -> int:
-        """Tokens that went through the backbone for this trainer since the last call."""
-        tokens, self._tokens = self._tokens, 0
-        return tokens
+    def take_computed(self) -> tuple[int, int]:
+        """(tokens, forward passes) that went through the backbone for this trainer since the last call."""
+        done, self._tokens, self._passes = (self._tokens, self._passes), 0, 0
+        return done
 
     def _counting(self):
         return _TokenCounter(self)
@@ -273,10 +273,11 @@ class _TokenCounter:
         self.owner = owner
 
     def __enter__(self):
-        self.start = self.owner.policy.backbone_tokens
+        self.start = self.owner.policy.backbone_tokens, self.owner.policy.backbone_passes
 
     def __exit__(self, *exc):
-        self.owner._tokens += self.owner.policy.backbone_tokens - self.start
+        self.owner._tokens += self.owner.policy.backbone_tokens - self.start[0]
+        self.owner._passes += self.owner.policy.backbone_passes - self.start[1]
 
 
 def _pad_rows(rows: list[torch.Tensor], R: int) -> torch.Tensor:

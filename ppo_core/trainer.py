@@ -100,7 +100,7 @@ class PPOTrainer:
     def discard_rollouts(self) -> None:
         """Drop kept sampling graphs, the prompt tree and weight casts (e.g. when a batch is not stepped)."""
         self.shortcuts.discard()
-        self.shortcuts.take_tokens_computed()
+        self.shortcuts.take_computed()
 
     def reference_logprobs(self, queries, responses, R: int, full: bool = False):
         """Reference log-probs [B, R] (and [B, R, V] log-distributions if full), adapters disabled."""
@@ -115,7 +115,7 @@ class PPOTrainer:
     def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores) -> dict[str, float]:
         """One PPO step on a batch of (query [L_i], response [R_i], scalar score) triples."""
         cfg, timing, t_start = self.config, {}, self._now()
-        sampled_tokens = self.shortcuts.take_tokens_computed()
+        sampled = self.shortcuts.take_computed()  # (tokens, passes) of the sampling calls
         queries, responses, raw_scores = self._check_inputs(queries, responses, scores)
         B, device = len(queries), self.policy.device
         R = max(len(r) for r in responses)
@@ -183,11 +183,13 @@ class PPOTrainer:
         stats.update(self._batch_stats(batch, scores, raw_scores, ref_logprobs, seq_kl, non_score, queries,
                                        responses, kl_coef))
         stats = self._to_floats(stats)
+        stepped = self.shortcuts.take_computed()  # (tokens, passes) of this step's own passes
         stats.update({"ppo/fused_rollout": float(old.graph is not None), "ppo/early_stopped": float(early_stopped),
                       "ppo/optimizer_steps": float(len(step_stats)),
                       "ppo/ref_cache_hits": float(self.reference_cache.hits),
                       "ppo/ref_cache_misses": float(self.reference_cache.misses),
-                      "ppo/tokens_computed": float(sampled_tokens + self.shortcuts.take_tokens_computed()),
+                      "ppo/tokens_computed": float(sampled[0] + stepped[0]),
+                      "ppo/backbone_passes": float(sampled[1] + stepped[1]),
                       "ppo/oom_backoffs": float(self.shortcuts.oom_backoffs),
                       **{f"ppo/{k}": float(v) for k, v in self.counters.items()}})
         timing["time/ppo/calc_stats"] = self._now() - t

@@ -352,8 +352,8 @@ def test_a_wrong_draft_changes_nothing_but_its_own_tokens_and_drafts_fit_the_bud
 
 def test_a_fused_update_after_drafted_sampling_is_the_update_without_drafts():
     """PPOTrainer: three sequential two-token calls and one fused step, drafting every first token or nothing: the
-    same answers, losses and LoRA gradients (fp32; rtol 1e-4, atol 1e-6), and ppo/tokens_computed counts the
-    drafted nodes too."""
+    same answers, losses and LoRA gradients (fp32; rtol 1e-4, atol 1e-6); ppo/tokens_computed counts the drafted
+    nodes too, and ppo/backbone_passes one pass per call where every draw follows the draft."""
     queries = random_queries(6, seed=12)
     scores = [1.0, -1.0, 0.5, 0.0, 2.0, -2.0]
     results = {}
@@ -373,3 +373,5 @@ def test_a_fused_update_after_drafted_sampling_is_the_update_without_drafts():
     for key in ("ppo/loss/policy", "ppo/loss/value", "objective/kl", "objective/entropy"):
         assert stats[key] == pytest.approx(stats_n[key], rel=1e-4, abs=1e-6)
     assert stats["ppo/tokens_computed"] > stats_n["ppo/tokens_computed"]
+    # one pass per call instead of two, and one reference pass (a cold cache) in both
+    assert (stats["ppo/backbone_passes"], stats_n["ppo/backbone_passes"]) == (3 + 1, 6 + 1)
