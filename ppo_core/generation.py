@@ -85,6 +85,9 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
     eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                            device=policy.device, dtype=torch.long)
     drafts = sorted({tuple(int(t) for t in d[:max_new_tokens - 1]) for d in draft or ()} - {()})
+    vocab = policy.config.get_text_config().vocab_size
+    if any(not 0 <= t < vocab for d in drafts for t in d):
+        raise ValueError(f"draft {drafts}: token ids must be in [0, {vocab}) for this model")
     run = _Sampling(policy, max_new_tokens, temperature, top_k, top_p, stop_at_eos, eos_ids, generator,
                     keep_graph, probe_tokens, drafts)
     if not policy.tree_supported:

@@ -342,6 +342,8 @@ def test_a_wrong_draft_changes_nothing_but_its_own_tokens_and_drafts_fit_the_bud
     tree = PromptTree(policy)
     sample(policy, [BASE], max_new_tokens=1, tree=tree, draft=[(5, 6)])
     assert len(tree) == len(BASE)
+    with pytest.raises(ValueError, match=r"draft \[\(64,\)\]: token ids must be in \[0, 64\)"):
+        sample(policy, [BASE], max_new_tokens=2, draft=[(64, 1)])
 
     seqs = sorted({tuple(q.tolist()) for q in queries})
     for budget in (10, 16, 25):
