@@ -609,6 +609,15 @@ def run_episode(trainers: dict, pool: list[torch.Tensor], work: Workload, rng: r
     return record
 
 
+def greedy_starts(trainer, pool: list[torch.Tensor]) -> set[tuple[int]]:
+    """Every pool prompt's greedy first token under the trainer's adapter, in one no-grad pass (Workload.draft starts
+    from these; later answers are added as they come)."""
+    from ppo_core import sample
+    with torch.no_grad(), trainer.policy.adapter(trainer.adapter):
+        rollout = sample(trainer.policy, pool, max_new_tokens=1, top_k=1, temperature=trainer.config.temperature)
+    return {tuple(r.tolist()) for r in rollout.responses}
+
+
 def run_case(trainers: dict, pool: list[torch.Tensor], work: Workload, *, warmup: int, measured: int,
              clock: Clock, seed: int = 0, dims: Dims | None = None, quantize: str = "4bit", dtype_bytes: int = 2,
              ceilings: dict | None = None, log=None) -> dict:
@@ -618,14 +627,11 @@ def run_case(trainers: dict, pool: list[torch.Tensor], work: Workload, *, warmup
     for trainer in trainers.values():
         trainer.sync_timing = True
     device = clock.device
+    drafts = {name: greedy_starts(trainer, pool) for name, trainer in trainers.items()} if work.draft else {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     resident = torch.cuda.memory_allocated(device) / GB if device.type == "cuda" else None
-    records, drafts = [], {}
-    if work.draft:  # start from every pool prompt's greedy first token (later answers are added as they come)
-        for name, trainer in trainers.items():
-            drafts[name] = {tuple(r[:1].tolist()) for r in trainer.generate(pool, max_new_tokens=1, top_k=1).responses}
-            trainer.discard_rollouts()
+    records = []
     for i in range(warmup + measured):
         rec = run_episode(trainers, pool, work, rng, clock, totals, dims, quantize, dtype_bytes, drafts)
         if log:
