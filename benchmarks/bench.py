@@ -518,7 +518,7 @@ class Workload:
     """Greedy answers (top_k=1), so that a draft can follow them (random weights answer nothing legal)."""
     draft: bool = False
     """Draft the first tokens of the answers seen so far (every greedy draw then follows one, as for a model that
-    answers legally with the codec's draft); greedy only."""
+    answers with the actions' own tokens, the codec's draft); greedy only."""
 
 
 def run_episode(trainers: dict, pool: list[torch.Tensor], work: Workload, rng: random.Random, clock: Clock,
@@ -528,9 +528,8 @@ def run_episode(trainers: dict, pool: list[torch.Tensor], work: Workload, rng: r
     N steps; at each step every learner answers G prompts drawn from `pool` in one generate call; then one PPO step
     per learner on its G x N samples with random scores. The real episode (prompts, games, rewards) is
     moral.finetune.FineTuning.run_episode, which the CPU benchmark times. Returns timings, PPO timings and counted
-    work; set trainer.sync_timing for device-synchronised PPO timings (run_case does). drafts: {learner: set of
-    answer starts seen}, kept across episodes by the caller (Workload.draft)."""
-    drafts = {} if drafts is None else drafts
+    work; set trainer.sync_timing for device-synchronised PPO timings (run_case does). drafts (Workload.draft
+    only): {learner: set of answer starts}, grown with each answer and kept across episodes by the caller."""
     policies = list({id(t.policy): t.policy for t in trainers.values()}.values())  # learners may share one
     passes_before = sum(p.backbone_passes for p in policies)
     for key in ("generation_s", "step_s"):
@@ -545,12 +544,12 @@ def run_episode(trainers: dict, pool: list[torch.Tensor], work: Workload, rng: r
             idx = [rng.randrange(len(pool)) for _ in range(work.games)]
             queries = [pool[i] for i in idx]
             options = {"top_k": 1} if work.greedy else {}
-            seen = drafts.setdefault(name, set())
             if work.draft:
-                options["draft"] = sorted(seen)
+                options["draft"] = sorted(drafts[name])
             with clock.region(totals, "generation_s"):
                 rollout = trainer.generate(queries, max_new_tokens=work.gen_len, **options)
-            seen.update(tuple(r[:1].tolist()) for r in rollout.responses)
+            if work.draft:
+                drafts[name].update(tuple(r[:1].tolist()) for r in rollout.responses)
             q, r, s = batches[name]
             q.extend(queries)
             r.extend(rollout.responses)

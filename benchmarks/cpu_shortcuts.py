@@ -2,7 +2,7 @@
 
     python -m benchmarks.cpu_shortcuts [PART ...]   (all five parts: about 5 minutes; run it on an idle machine)
 
-PART is attention, adam, accuracy, reference, switch or draft (default: all, in this order).
+PART is attention, adam, accuracy, reference, switch, draft or fused (default: all, in this order).
 
 1. Attention of packed passes (`PolicyModel.EAGER_PAIRS_CPU`): one recorded main-job episode replayed with the size
    rule (eager attention up to 2^18 query-key pairs) and with SDPA for every pass, alternating, medians of 5; then
@@ -23,11 +23,16 @@ PART is attention, adam, accuracy, reference, switch or draft (default: all, in 
 6. Drafted answers in the paper's protocol (`--format-aid none`: 'action' + digit, two sampled tokens per step): one
    recorded episode of the embedded model replayed with greedy sampling (top_k=1, so that the same answers come
    every time) without a draft and with its answers' first tokens drafted (every draw follows the draft, as for a
-   model that answers legally with the codec's draft), alternating, medians of 5; backbone passes and tokens.
+   model that answers with the actions' own tokens, the codec's draft), alternating, medians of 5; backbone passes
+   and tokens.
+7. Kept graphs (`fuse_rollout`): one recorded main-job episode replayed with the sampling passes' graphs kept for
+   the update, and with `fuse_rollout=False` (no-grad sampling, then a no-grad pass for the old log-probs and a
+   training forward pass over the same packed tree), alternating, medians of 5, with the step's own timings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import statistics
 import tempfile
@@ -196,8 +201,34 @@ def drafted_answers() -> None:
               f"{counts[name][1]:.0f} tokens")
 
 
+def kept_graphs() -> None:
+    from benchmarks.episode_profile import recorded_episode
+
+    folder = tempfile.mkdtemp(prefix="cpu-shortcuts-")
+    try:
+        run, replay = recorded_episode(folder)
+        trainer = run.trainers["agent"]
+        configs = {fused: dataclasses.replace(trainer.config, fuse_rollout=fused) for fused in (True, False)}
+        rows = {True: [], False: []}
+        for _ in range(5):
+            for fused in (True, False):
+                trainer.config = trainer.shortcuts.config = configs[fused]  # one frozen config, read by both
+                start = time.perf_counter()
+                stats = replay()
+                rows[fused].append((time.perf_counter() - start, stats["time/ppo/forward_pass"],
+                                    stats["time/ppo/optimize_step"], stats["ppo/tokens_computed"]))
+        run.logs.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print("replayed main-job episode, median of 5 (s): episode, no-grad old log-probs pass, update "
+          "(forward if recomputed, backward, Adam); tokens through the backbone")
+    for fused, label in ((True, "graphs kept (fused)"), (False, "fuse_rollout=False")):
+        episode, old, update, tokens = (statistics.median(col) for col in zip(*rows[fused]))
+        print(f"  {label:<20} {episode:.2f}   {old:.2f}   {update:.2f}   {tokens:.0f}")
+
+
 PARTS = {"attention": attention, "adam": adam, "accuracy": attention_accuracy, "reference": reference_switch,
-         "switch": learner_switch, "draft": drafted_answers}
+         "switch": learner_switch, "draft": drafted_answers, "fused": kept_graphs}
 
 if __name__ == "__main__":
     import sys

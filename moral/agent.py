@@ -88,21 +88,23 @@ class Codec:
     def action(self, text: str) -> str | None:
         return parse_answer(text, self.tokens, lenient=self.lenient)
 
+    @property
+    def answer_ids(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The C and D actions' tokens after the prefix: what is sampled when the model answers with them."""
+        return tuple(ids[len(self.plan.prefix_ids):] for ids in self.plan.action_ids)
 
     @property
     def draft(self) -> list[tuple[int, ...]] | None:
-        """The legal answers' tokens after the prefix, to be computed with the queries (ppo_core's `draft`): a
-        model that answers legally then samples a multi-token answer in one pass. None for one-token answers."""
-        if self.plan.gen_len < 2:
-            return None
-        return sorted({ids[len(self.plan.prefix_ids):] for ids in self.plan.action_ids})
+        """The actions' tokens after the prefix, to be computed with the queries (ppo_core's `draft`): a model that
+        answers with them samples a multi-token answer in one pass. None for one-token answers."""
+        return sorted(set(self.answer_ids)) if self.plan.gen_len > 1 else None
 
     @property
     def probe_tokens(self) -> list[int] | None:
         """When each action is one token after the prefix, those two tokens: their first-step probabilities are
         then the exact probabilities of answering C and D."""
-        rest = [ids[len(self.plan.prefix_ids):] for ids in self.plan.action_ids]
-        return [rest[0][0], rest[1][0]] if all(len(r) == 1 for r in rest) else None
+        c, d = self.answer_ids
+        return [c[0], d[0]] if len(c) == len(d) == 1 else None
 
 
 @dataclass

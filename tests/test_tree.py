@@ -270,18 +270,6 @@ def test_subtree_chunks_split_within_the_budget_and_never_truncate():
     assert subtree_chunks(seqs, None) == [list(range(len(seqs)))]
 
 
-def counting_passes(policy) -> list[int]:
-    """Record the tokens of every packed backbone pass of `policy` (a list the caller reads)."""
-    passes, real = [], policy.packed_hidden_states
-
-    def counted(input_ids, *args, **kwargs):
-        passes.append(input_ids.shape[1])
-        return real(input_ids, *args, **kwargs)
-
-    policy.packed_hidden_states = counted
-    return passes
-
-
 @pytest.mark.parametrize("arch, attn", ARCHS, ids=[f"{a}-{b}" for a, b in ARCHS])
 def test_drafted_answers_sample_the_same_in_one_pass_per_call(arch, attn):
     """Sequential two-token calls growing one tree with graph, as in an episode: drafting every possible first
@@ -293,8 +281,7 @@ def test_drafted_answers_sample_the_same_in_one_pass_per_call(arch, attn):
     results = {}
     for mode in ("draft", "none"):
         policy = make_policy(arch, attn)
-        assert policy.tree_supported  # the one-time probe, before counting
-        passes, tree = counting_passes(policy), PromptTree(policy)
+        tree = PromptTree(policy)
         generator = torch.Generator().manual_seed(0)
         draft = [(t,) for t in range(vocab)] if mode == "draft" else None
         rollouts = [sample(policy, [q], max_new_tokens=2, generator=generator, keep_graph=True, tree=tree,
@@ -303,19 +290,20 @@ def test_drafted_answers_sample_the_same_in_one_pass_per_call(arch, attn):
         loss.backward()
         results[mode] = ([r.responses[0].tolist() for r in rollouts], torch.cat([r.logprobs for r in rollouts]),
                          torch.cat([r.values_graph.detach() for r in rollouts]),
-                         [p.grad.clone() for p in policy.trainable_parameters("agent")], passes, len(tree))
-    (tokens, logprobs, values, grads, passes, nodes) = results["draft"]
-    (tokens_n, logprobs_n, values_n, grads_n, passes_n, nodes_n) = results["none"]
+                         [p.grad.clone() for p in policy.trainable_parameters("agent")],
+                         (policy.backbone_passes, policy.backbone_tokens), len(tree))  # the probe uncounted
+    (tokens, logprobs, values, grads, (passes, computed), nodes) = results["draft"]
+    (tokens_n, logprobs_n, values_n, grads_n, (passes_n, computed_n), nodes_n) = results["none"]
     assert tokens == tokens_n
     assert torch.allclose(logprobs, logprobs_n, atol=TOL, rtol=TOL)
     assert torch.allclose(values, values_n, atol=TOL, rtol=TOL)
     for a, b in zip(grads, grads_n):
         assert torch.allclose(a, b, atol=TOL, rtol=TOL)
     # the third query is the first again (nothing new); the fourth ends inside the first, where no draft hangs yet
-    assert len(passes) == 3 and len(passes_n) > len(passes) and policy.backbone_passes == len(passes_n)
+    assert passes == 3 and passes_n > passes
     # three distinct query ends, each drafted once; the draft BASE[9] below BASE[:9] is a node of the first query
-    assert nodes == 20 + 6 + 3 * vocab - 1 and sum(passes) == nodes
-    assert sum(passes_n) == nodes_n
+    assert nodes == 20 + 6 + 3 * vocab - 1 and computed == nodes
+    assert computed_n == nodes_n
 
 
 def test_a_wrong_draft_changes_nothing_but_its_own_tokens_and_drafts_fit_the_budget():
@@ -326,17 +314,15 @@ def test_a_wrong_draft_changes_nothing_but_its_own_tokens_and_drafts_fit_the_bud
     out = {}
     for draft in (None, [(63, 62, 61)]):
         policy = make_policy("llama", "eager")
-        assert policy.tree_supported
-        passes = counting_passes(policy)
         generator = torch.Generator().manual_seed(1)
         rollout = sample(policy, queries, max_new_tokens=2, generator=generator, draft=draft)
-        out[draft is None] = (rollout, passes)
-    (drafted, passes), (plain, passes_n) = out[False], out[True]
+        out[draft is None] = (rollout, policy.backbone_passes, policy.backbone_tokens)
+    (drafted, passes, computed), (plain, passes_n, computed_n) = out[False], out[True]
     assert all(r[0] != 63 for r in plain.responses)  # the draft is wrong for every query
     assert [r.tolist() for r in drafted.responses] == [r.tolist() for r in plain.responses]
     assert torch.allclose(drafted.logprobs, plain.logprobs, atol=TOL, rtol=TOL)
     distinct = len({tuple(q.tolist()) for q in queries})
-    assert len(passes) == len(passes_n) == 2 and sum(passes) == sum(passes_n) + distinct
+    assert passes == passes_n == 2 and computed == computed_n + distinct
 
     policy = make_policy("llama", "eager")
     tree = PromptTree(policy)
