@@ -119,7 +119,8 @@ def load_run_policy(run_folder: str, config: RunConfig, checkpoint: str | None =
 def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None = None,
              threads: int | None = None, progress: bool = True) -> dict:
     """Run the generalisation tests of one run folder; writes eval/decisions.csv, eval/metrics.json
-    (and eval/followup.csv); returns the metrics."""
+    (and eval/followup.csv with cfg.followup; without it an earlier eval's followup.csv is removed); returns the
+    metrics."""
     from tqdm import tqdm
 
     from .regret import per_run_metrics
@@ -179,9 +180,12 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
     out_dir = os.path.join(run_folder, "eval")
     os.makedirs(out_dir, exist_ok=True)
     write_csv_atomic(os.path.join(out_dir, "decisions.csv"), EVAL_COLUMNS, rows)
+    followup_path = os.path.join(out_dir, "followup.csv")
     if followup_rows is not None:
-        write_csv_atomic(os.path.join(out_dir, "followup.csv"),
-                         ("model", "episode", "step", "question", "answer", "followup_response"), followup_rows)
+        write_csv_atomic(followup_path, ("model", "episode", "step", "question", "answer", "followup_response"),
+                         followup_rows)
+    elif os.path.exists(followup_path):  # an earlier eval's answers, to decisions that are no longer these
+        os.remove(followup_path)
     metrics = {"run": os.path.abspath(run_folder), "eval": dataclasses.asdict(cfg),
                "groups": per_run_metrics(os.path.join(out_dir, "decisions.csv")),
                "wall_s": time.perf_counter() - t_start, "decisions": len(rows),

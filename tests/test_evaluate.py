@@ -90,6 +90,17 @@ def test_eval_stopped_by_ctrl_c_leaves_eval_folder_as_it_was(trained_run, capsys
     assert after == before
 
 
+def test_eval_without_followup_removes_an_earlier_followup_csv(trained_run):
+    eval_dir = trained_run / "eval"
+    quick = ["eval", str(trained_run), "--episodes", "1", "--steps", "1", "--games", "IPD", "--no-baselines",
+             "--no-progress"]
+    cli.main(quick + ["--followup", "--followup-tokens", "2"])
+    assert (eval_dir / "followup.csv").is_file()
+    cli.main(quick)
+    assert not (eval_dir / "followup.csv").exists() and (eval_dir / "decisions.csv").is_file()
+    assert json.load(open(eval_dir / "metrics.json"))["eval"]["followup"] is False
+
+
 def test_eval_bad_input(tmp_path, capsys):
     for argv, message in ((["eval", str(tmp_path)], "not a run folder"),
                           (["eval", str(tmp_path), "--games", "XYZ"], "unknown game 'XYZ'"),
