@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -63,6 +64,13 @@ class ReferenceCache:
         self.hits, self.misses = int(state["hits"]), int(state["misses"])
 
 
+class KeptGraph(NamedTuple):
+    """The sampling pass's outputs with their autograd graph, [B, R] each: the loss's forward pass when fused."""
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor
+
+
 @dataclass
 class RolloutValues:
     """The "old" policy's view of a batch, [B, R] each: log-probs and values (detached), the full
@@ -71,7 +79,7 @@ class RolloutValues:
     logprobs: torch.Tensor
     values: torch.Tensor
     full: torch.Tensor | None = None
-    graph: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    graph: KeptGraph | None = None
 
 
 class Shortcuts:
@@ -136,8 +144,8 @@ class Shortcuts:
         """The old log-probs and values: the kept sampling graph when every sample has one, else a no-grad pass."""
         keys = [(tuple(q.tolist()), tuple(r.tolist())) for q, r in zip(queries, responses)]
         if self.fusable and all(k in self._fused for k in keys):
-            graph = tuple(_pad_rows([self._fused[k][n] for k in keys], R) for n in range(3))
-            return RolloutValues(graph[0].detach(), graph[1].detach(), graph=graph)
+            graph = KeptGraph(*(_pad_rows([self._fused[k][n] for k in keys], R) for n in range(3)))
+            return RolloutValues(graph.logprobs.detach(), graph.values.detach(), graph=graph)
         self.discard()
         with torch.no_grad(), self.policy.adapter(self.adapter):
             out = self.forward(queries, responses, with_values=True, full=full)

@@ -210,8 +210,8 @@ class PPOTrainer:
                 return [self._micro_batch_backward(queries, responses, batch, mb, k) for mb in micro_batches]
             total, parts = 0.0, []  # the rollout's own forward pass: one backward through it
             for mb in micro_batches:
-                loss, st = self._loss(self._select(batch, mb), graph[0][mb], graph[1][mb], graph[2][mb],
-                                      batch["mask"][mb].sum())
+                loss, st = self._loss(self._select(batch, mb), graph.logprobs[mb], graph.values[mb],
+                                      graph.entropy[mb], batch["mask"][mb].sum())
                 total, _ = total + loss / k, parts.append(st)
             self._backward(total)
             return parts
