@@ -2,9 +2,10 @@
 
     python -m benchmarks.cpu_shortcuts [PART ...]   (run it on an idle machine)
 
-The first five parts took about 5 minutes together, draft about 1 minute and fused about 1.5 (2-core EPYC).
+The first five parts took about 5 minutes together, draft about 1 minute, fused about 1.5 and products a few
+seconds (2-core EPYC).
 
-PART is attention, adam, accuracy, reference, switch, draft or fused (default: all, in this order).
+PART is attention, adam, accuracy, reference, switch, draft, fused or products (default: all, in this order).
 
 1. Attention of packed passes (`PolicyModel.EAGER_PAIRS_CPU`): one recorded main-job episode replayed with the size
    rule (eager attention up to 2^18 query-key pairs) and with SDPA for every pass, alternating, medians of 5; then
@@ -30,6 +31,9 @@ PART is attention, adam, accuracy, reference, switch, draft or fused (default: a
 7. Kept graphs (`fuse_rollout`): one recorded main-job episode replayed with the sampling passes' graphs kept for
    the update, and with `fuse_rollout=False` (no-grad sampling, then a no-grad pass for the old log-probs and a
    training forward pass over the same packed tree), alternating, medians of 5, with the step's own timings.
+8. The frozen base's matrix products at the job's shapes (443 tokens, SmolLM2-135M's four weight shapes), fp32 vs
+   dynamic int8 (`torch.ao.quantization.quantize_dynamic`, forward only, not exact) vs bf16, means of 20, in
+   GFLOP/s: what a quantised CPU base could gain, and that fp32 already runs at this CPU's matrix rate.
 """
 
 from __future__ import annotations
@@ -229,8 +233,36 @@ def kept_graphs() -> None:
         print(f"  {label:<20} {episode:.2f}   {old:.2f}   {update:.2f}   {tokens:.0f}")
 
 
+def base_products() -> None:
+    import warnings
+
+    import torch
+
+    def rate(fn, flop: float) -> float:
+        fn(), fn()
+        start = time.perf_counter()
+        for _ in range(20):
+            fn()
+        return flop / ((time.perf_counter() - start) / 20) / 1e9
+
+    print("frozen base products, 443 tokens, GFLOP/s (mean of 20): fp32, dynamic int8, bf16")
+    torch.manual_seed(0)
+    for k, n in ((576, 1536), (1536, 576), (576, 576), (576, 192)):
+        x, linear = torch.randn(443, k), torch.nn.Linear(k, n, bias=False)
+        with warnings.catch_warnings():  # the eager quantisation API's deprecation notice
+            warnings.simplefilter("ignore")
+            int8 = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear},
+                                                          dtype=torch.qint8)
+        w, xb, wb = linear.weight.detach(), x.bfloat16(), linear.weight.detach().bfloat16()
+        flop = 2 * 443 * k * n
+        rates = (rate(lambda: torch.nn.functional.linear(x, w), flop), rate(lambda: int8(x), flop),
+                 rate(lambda: torch.nn.functional.linear(xb, wb), flop))
+        print(f"  [443, {k}] x [{k}, {n}]  " + "  ".join(f"{r:6.1f}" for r in rates))
+
+
 PARTS = {"attention": attention, "adam": adam, "accuracy": attention_accuracy, "reference": reference_switch,
-         "switch": learner_switch, "draft": drafted_answers, "fused": kept_graphs}
+         "switch": learner_switch, "draft": drafted_answers, "fused": kept_graphs,
+         "products": base_products}
 
 if __name__ == "__main__":
     import sys

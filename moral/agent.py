@@ -206,7 +206,7 @@ def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool | None:
         return None
     from huggingface_hub import constants
 
-    from .network import unreachable
+    from .network import tcp_unreachable
 
     url = urllib.parse.urlsplit(constants.ENDPOINT)
-    return unreachable(url.hostname, url.port or (443 if url.scheme == "https" else 80), timeout_s) is None
+    return tcp_unreachable(url.hostname, url.port or (443 if url.scheme == "https" else 80), timeout_s) is None

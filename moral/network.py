@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 
 
-def unreachable(host: str, port: int, timeout_s: float) -> str | None:
+def tcp_unreachable(host: str, port: int, timeout_s: float) -> str | None:
     """Why no TCP connection to host:port opens within timeout_s ("connection refused", "unknown host ...", ...),
     or None if one does."""
     try:

@@ -283,7 +283,7 @@ def unreachable(address: str, timeout_s: float = RAY_PROBE_TIMEOUT_S) -> str | N
     listens for ever (Ray 2.60: a warning every 40 s, still retrying after 10 min when tried)."""
     import urllib.parse
 
-    from .network import unreachable as tcp_unreachable
+    from .network import tcp_unreachable
 
     url = urllib.parse.urlsplit(address if "://" in address else f"ray://{address}")
     try:

@@ -9,7 +9,7 @@ import torch
 
 from .batching import pad_left, position_ids_from_mask, unique_sequences
 from .functional import entropy_from_logits, logprobs_from_logits
-from .tree import PromptTree, subtree_chunks
+from .tree import PromptTree, subtree_chunks, tree_size
 
 
 @dataclass
@@ -98,7 +98,7 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
         return run.memoised(queries, memo, max_tokens)
     keys = [tuple(q.tolist()) for q in queries]
     order = sorted(range(len(keys)), key=keys.__getitem__)
-    chunks = subtree_chunks([keys[i] for i in order], max_tokens, extra=sum(map(len, drafts)))
+    chunks = subtree_chunks([keys[i] for i in order], max_tokens, extra=sum(tree_size(drafts)))
     if len(chunks) == 1:
         return run.tree(queries, PromptTree(policy), None)
     parts, rows = [], []
