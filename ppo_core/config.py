@@ -138,4 +138,5 @@ class PPOConfig:
         return self.mini_batch_size * self.gradient_accumulation_steps
 
     def to_dict(self) -> dict:
+        """Every field by name (JSON-ready: for logs, checkpoints and trackers)."""
         return dataclasses.asdict(self)

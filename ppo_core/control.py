@@ -21,9 +21,11 @@ class AdaptiveKLController:
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
 
     def state_dict(self) -> dict:
+        """The coefficient, for a checkpoint."""
         return {"value": self.value}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned."""
         self.value = float(state["value"])
 
 
@@ -34,12 +36,14 @@ class FixedKLController:
         self.value = float(kl_coef)
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        pass
+        """Nothing changes (the same call as AdaptiveKLController.update)."""
 
     def state_dict(self) -> dict:
+        """The coefficient, for a checkpoint."""
         return {"value": self.value}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned."""
         self.value = float(state["value"])
 
 
@@ -73,9 +77,11 @@ class RunningMoments:
         return batch_mean, batch_std
 
     def state_dict(self) -> dict:
+        """The moments and the count, for a checkpoint."""
         return {"mean": self.mean, "var": self.var, "std": self.std, "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned."""
         self.mean, self.var = float(state["mean"]), float(state["var"])
         self.std, self.count = float(state["std"]), float(state["count"])
 

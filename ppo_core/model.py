@@ -128,6 +128,7 @@ class LoraSettings:
             raise ValueError(f"LoraSettings.dropout={self.dropout!r}: must be in [0, 1)")
 
     def peft_config(self):
+        """These settings as peft's LoraConfig (no bias, causal LM)."""
         from peft import LoraConfig
         target = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, bias="none",
@@ -280,6 +281,7 @@ class PolicyModel(nn.Module):
     # -- forward pieces --------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
+        """Where the forward passes run (the LM head's device)."""
         return self._lm_head.weight.device
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -420,6 +422,7 @@ class PolicyModel(nn.Module):
             torch.autocast_increment_nesting()
 
     def release_casts(self, owner) -> None:
+        """End owner's hold_casts(); the cached copies are freed when no owner holds them any more."""
         if owner in self._cast_holders:
             self._cast_holders.discard(owner)
             if torch.autocast_decrement_nesting() == 0:

@@ -36,12 +36,15 @@ class ReferenceCache:
         self._bytes = 0
 
     def get(self, key: tuple[int, ...]) -> torch.Tensor | None:
+        """The row cached for this token prefix (marked as recently used), or None."""
         row = self.entries.get(key)
         if row is not None:
             self.entries.move_to_end(key)
         return row
 
     def put(self, key: tuple[int, ...], row: torch.Tensor) -> None:
+        """Cache a row, evicting the least recently used ones beyond the budget (a row larger than the whole
+        budget, or a key already held, is not stored)."""
         nbytes = row.numel() * row.element_size()
         if self.budget_bytes < nbytes or key in self.entries:
             return
@@ -52,11 +55,13 @@ class ReferenceCache:
             self._bytes -= old.numel() * old.element_size()
 
     def state_dict(self) -> dict:
+        """Keys, rows (on the host, least recently used first) and hit counts, for a checkpoint."""
         keys = list(self.entries)
         return {"keys": [list(k) for k in keys], "hits": self.hits, "misses": self.misses,
                 "rows": torch.stack([self.entries[k] for k in keys]).cpu() if keys else torch.empty(0)}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
+        """Restore what state_dict() returned, with the rows on `device`, in the same recency order."""
         self.entries.clear()
         self._bytes = 0
         for key, row in zip(state["keys"], state["rows"]):

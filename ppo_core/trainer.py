@@ -64,6 +64,7 @@ class PPOTrainer:
 
     @property
     def reference_cache(self) -> ReferenceCache:
+        """The cache of reference log-distributions; assign one ReferenceCache to several trainers on one base."""
         return self.shortcuts.reference_cache
 
     @reference_cache.setter
@@ -364,6 +365,7 @@ class PPOTrainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned (any rollout kept from before is discarded)."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.score_moments.load_state_dict(state["score_moments"])
