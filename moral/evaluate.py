@@ -179,6 +179,11 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
     followup_rows = ask_followups(policy, tokenizer, followups, cfg.followup_tokens, generator) if followups else None
     out_dir = os.path.join(run_folder, "eval")
     os.makedirs(out_dir, exist_ok=True)
+    # metrics.json goes first and comes back last: while it exists it describes the files beside it, so an eval
+    # stopped between two writes is never taken for finished (`run.py eval SWEEP` redoes it).
+    metrics_path = os.path.join(out_dir, "metrics.json")
+    if os.path.exists(metrics_path):
+        os.remove(metrics_path)
     write_csv_atomic(os.path.join(out_dir, "decisions.csv"), EVAL_COLUMNS, rows)
     followup_path = os.path.join(out_dir, "followup.csv")
     if followup_rows is not None:
@@ -190,7 +195,7 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
                "groups": per_run_metrics(os.path.join(out_dir, "decisions.csv")),
                "wall_s": time.perf_counter() - t_start, "decisions": len(rows),
                "backbone_tokens": policy.backbone_tokens - tokens_before}
-    write_json_atomic(os.path.join(out_dir, "metrics.json"), metrics)
+    write_json_atomic(metrics_path, metrics)
     return metrics
 
 

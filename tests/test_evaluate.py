@@ -101,6 +101,28 @@ def test_eval_without_followup_removes_an_earlier_followup_csv(trained_run):
     assert json.load(open(eval_dir / "metrics.json"))["eval"]["followup"] is False
 
 
+def test_an_eval_stopped_between_its_writes_leaves_no_metrics_json(trained_run, monkeypatch):
+    """metrics.json marks a finished eval (the sweep skips runs that have one): an eval that dies after writing
+    decisions.csv must not leave the previous eval's metrics.json beside the new decisions."""
+    from moral import evaluate, sweep
+    eval_dir = trained_run / "eval"
+    quick = ["eval", str(trained_run), "--episodes", "1", "--steps", "1", "--games", "IPD", "--no-baselines",
+             "--no-progress"]
+    cli.main(quick)
+    settings = json.load(open(eval_dir / "metrics.json"))["eval"]
+    assert sweep.already_evaluated(str(trained_run), settings)
+
+    def dies_after_decisions(path, *args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(evaluate, "write_json_atomic", dies_after_decisions)
+    with pytest.raises(OSError, match="simulated"):
+        cli.main(quick + ["--steps", "2"])
+    assert {row["step"] for row in csv.DictReader(open(eval_dir / "decisions.csv"))} == {"0", "1"}  # the new eval's
+    assert not (eval_dir / "metrics.json").exists()
+    assert not sweep.already_evaluated(str(trained_run), settings)
+
+
 def test_eval_bad_input(tmp_path, capsys):
     for argv, message in ((["eval", str(tmp_path)], "not a run folder"),
                           (["eval", str(tmp_path), "--games", "XYZ"], "unknown game 'XYZ'"),
