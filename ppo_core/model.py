@@ -288,13 +288,17 @@ class PolicyModel(nn.Module):
                       position_ids: torch.Tensor | None = None, past_key_values=None,
                       use_cache: bool = False):
         """Final (normed) hidden states. input_ids [B, T] -> ([B, T, H], cache or None)."""
+        cache = {self._cache_kwarg: past_key_values} if past_key_values is not None else {}
+        out = self._backbone_pass(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=use_cache, **cache)
+        return out.last_hidden_state, (getattr(out, self._cache_kwarg) if use_cache else None)
+
+    def _backbone_pass(self, input_ids: torch.Tensor, **kwargs):
+        """The one place the backbone runs, counted in backbone_tokens and backbone_passes."""
         self.backbone_tokens += input_ids.numel()
         self.backbone_passes += 1
-        cache = {self._cache_kwarg: past_key_values} if past_key_values is not None else {}
         with self._compute_context():
-            out = self._backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=use_cache, **cache)
-        return out.last_hidden_state, (getattr(out, self._cache_kwarg) if use_cache else None)
+            return self._backbone(input_ids=input_ids, **kwargs)
 
     # -- the prompt tree (ppo_core.tree) ---------------------------------------------------------------------------
     @property
@@ -336,20 +340,17 @@ class PolicyModel(nn.Module):
         implementation = self.attention_for(*visible["full_attention"].shape)
         masks = {kind: self.attention_mask_4d(m, implementation) for kind, m in visible.items()}
         mask = masks if "sliding_attention" in masks else masks["full_attention"]
-        self.backbone_tokens += input_ids.numel()
-        self.backbone_passes += 1
         config = self.config.get_text_config()
         chosen = config._attn_implementation
-        with self._compute_context():
-            try:
-                if implementation != chosen:
-                    config._attn_implementation = implementation  # read by every attention layer at call time
-                out = self._backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                     use_cache=cache is not None,
-                                     **({self._cache_kwarg: cache} if cache is not None else {}))
-            finally:
-                if implementation != chosen:
-                    config._attn_implementation = chosen
+        try:
+            if implementation != chosen:
+                config._attn_implementation = implementation  # read by every attention layer at call time
+            out = self._backbone_pass(input_ids, attention_mask=mask, position_ids=position_ids,
+                                      use_cache=cache is not None,
+                                      **({self._cache_kwarg: cache} if cache is not None else {}))
+        finally:
+            if implementation != chosen:
+                config._attn_implementation = chosen
         return out.last_hidden_state
 
     @property
