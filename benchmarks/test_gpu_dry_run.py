@@ -96,7 +96,10 @@ def test_flop_model_matches_torch_flop_counter(arch, fuse, gen_len, one_thread):
         record = bench.run_episode(trainers, pool, work, random.Random(0), bench.Clock("cpu"), defaultdict(float),
                                    dims, quantize="none", dtype_bytes=4)
     assert record["fused_rollout"] == float(fuse)
-    assert record["flops"] == counter.get_total_flops()
+    # transformers 5.17 (the GPU machine's) computes the rotary angles as a matrix product (inv_freq @ positions),
+    # which the counter sees; it is not the model's work (head_dim FLOPs a token), and 5.24 multiplies instead
+    rotary = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if name.endswith("rotary_emb"))
+    assert record["flops"] == counter.get_total_flops() - rotary
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
