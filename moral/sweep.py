@@ -30,8 +30,12 @@ import signal
 import sys
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass, field
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package (setup.cfg installs it there)
+    import tomli as tomllib
 
 from .config import RunConfig, UsageError
 from .runio import FolderLock, FolderLocked, checkpoint_episode, complete_checkpoints, finished_summary, is_finished, \
