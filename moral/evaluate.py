@@ -179,18 +179,17 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
     followup_rows = ask_followups(policy, tokenizer, followups, cfg.followup_tokens, generator) if followups else None
     out_dir = os.path.join(run_folder, "eval")
     os.makedirs(out_dir, exist_ok=True)
-    # metrics.json goes first and comes back last: while it exists it describes the files beside it, so an eval
-    # stopped between two writes is never taken for finished (`run.py eval SWEEP` redoes it).
-    metrics_path = os.path.join(out_dir, "metrics.json")
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    # Stale files go first: metrics.json comes back last (while it exists it describes the files beside it, so an
+    # eval stopped between two writes is never taken for finished; `run.py eval SWEEP` redoes it), and an earlier
+    # eval's followup.csv answered decisions that are no longer these.
+    metrics_path, followup_path = os.path.join(out_dir, "metrics.json"), os.path.join(out_dir, "followup.csv")
+    for stale in (metrics_path, followup_path):
+        if os.path.exists(stale):
+            os.remove(stale)
     write_csv_atomic(os.path.join(out_dir, "decisions.csv"), EVAL_COLUMNS, rows)
-    followup_path = os.path.join(out_dir, "followup.csv")
     if followup_rows is not None:
         write_csv_atomic(followup_path, ("model", "episode", "step", "question", "answer", "followup_response"),
                          followup_rows)
-    elif os.path.exists(followup_path):  # an earlier eval's answers, to decisions that are no longer these
-        os.remove(followup_path)
     metrics = {"run": os.path.abspath(run_folder), "eval": dataclasses.asdict(cfg),
                "groups": per_run_metrics(os.path.join(out_dir, "decisions.csv")),
                "wall_s": time.perf_counter() - t_start, "decisions": len(rows),

@@ -90,10 +90,14 @@ def test_eval_stopped_by_ctrl_c_leaves_eval_folder_as_it_was(trained_run, capsys
     assert after == before
 
 
+def quick_eval(run) -> list[str]:
+    """`run.py eval` arguments for one IPD step per block, no baselines."""
+    return ["eval", str(run), "--episodes", "1", "--steps", "1", "--games", "IPD", "--no-baselines", "--no-progress"]
+
+
 def test_eval_without_followup_removes_an_earlier_followup_csv(trained_run):
     eval_dir = trained_run / "eval"
-    quick = ["eval", str(trained_run), "--episodes", "1", "--steps", "1", "--games", "IPD", "--no-baselines",
-             "--no-progress"]
+    quick = quick_eval(trained_run)
     cli.main(quick + ["--followup", "--followup-tokens", "2"])
     assert (eval_dir / "followup.csv").is_file()
     cli.main(quick)
@@ -106,8 +110,7 @@ def test_an_eval_stopped_between_its_writes_leaves_no_metrics_json(trained_run, 
     decisions.csv must not leave the previous eval's metrics.json beside the new decisions."""
     from moral import evaluate, sweep
     eval_dir = trained_run / "eval"
-    quick = ["eval", str(trained_run), "--episodes", "1", "--steps", "1", "--games", "IPD", "--no-baselines",
-             "--no-progress"]
+    quick = quick_eval(trained_run)
     cli.main(quick)
     settings = json.load(open(eval_dir / "metrics.json"))["eval"]
     assert sweep.already_evaluated(str(trained_run), settings)
