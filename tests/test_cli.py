@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,7 +55,7 @@ def test_no_module_of_the_package_imports_run_py():
         for where, _, names in os.walk(os.path.join(ROOT, folder)):
             for name in names:
                 if name.endswith(".py"):
-                    text = open(os.path.join(where, name)).read()
+                    text = Path(os.path.join(where, name)).read_text()
                     assert not re.search(r"^\s*(import run\b|from run import)", text, flags=re.M), name
 
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -52,7 +53,7 @@ def test_eval_and_report_write_every_file(trained_run, tmp_path, capsys):
              r["opp_action"]) for r in ft] == \
         [(r["variant"], r["game"], r["table_order"], r["episode"], r["step"], r["own_last"], r["opp_last"],
           r["opp_action"]) for r in ref]
-    metrics = json.load(open(eval_dir / "metrics.json"))
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
     assert metrics["decisions"] == len(rows) and metrics["groups"]
     with open(eval_dir / "followup.csv", newline="") as f:
         follow = list(csv.DictReader(f))
@@ -102,7 +103,7 @@ def test_eval_without_followup_removes_an_earlier_followup_csv(trained_run):
     assert (eval_dir / "followup.csv").is_file()
     cli.main(quick)
     assert not (eval_dir / "followup.csv").exists() and (eval_dir / "decisions.csv").is_file()
-    assert json.load(open(eval_dir / "metrics.json"))["eval"]["followup"] is False
+    assert json.loads((eval_dir / "metrics.json").read_text())["eval"]["followup"] is False
 
 
 def test_an_eval_stopped_between_its_writes_leaves_no_metrics_json(trained_run, monkeypatch):
@@ -112,7 +113,7 @@ def test_an_eval_stopped_between_its_writes_leaves_no_metrics_json(trained_run, 
     eval_dir = trained_run / "eval"
     quick = quick_eval(trained_run)
     cli.main(quick)
-    settings = json.load(open(eval_dir / "metrics.json"))["eval"]
+    settings = json.loads((eval_dir / "metrics.json").read_text())["eval"]
     assert sweep.already_evaluated(str(trained_run), settings)
 
     def dies_after_decisions(path, *args, **kwargs):
@@ -121,7 +122,7 @@ def test_an_eval_stopped_between_its_writes_leaves_no_metrics_json(trained_run, 
     monkeypatch.setattr(evaluate, "write_json_atomic", dies_after_decisions)
     with pytest.raises(OSError, match="simulated"):
         cli.main(quick + ["--steps", "2"])
-    assert {row["step"] for row in csv.DictReader(open(eval_dir / "decisions.csv"))} == {"0", "1"}  # the new eval's
+    assert {row["step"] for row in csv.DictReader((eval_dir / "decisions.csv").read_text().splitlines())} == {"0", "1"}  # the new eval's
     assert not (eval_dir / "metrics.json").exists()
     assert not sweep.already_evaluated(str(trained_run), settings)
 

@@ -4,6 +4,7 @@ rises from about chance to above 0.8."""
 import os
 import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -35,8 +36,8 @@ def test_custom_reward_is_learned():
 
 
 def test_readme_shows_the_example_verbatim():
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    source = open(os.path.join(ROOT, "examples", "custom_reward.py")).read()
+    readme = Path(os.path.join(ROOT, "README.md")).read_text()
+    source = Path(os.path.join(ROOT, "examples", "custom_reward.py")).read_text()
     body = source[source.index("def train("):source.index('\n\nif __name__')]
     assert body in readme
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)

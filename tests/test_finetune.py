@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,14 +48,14 @@ def test_three_episode_run_writes_every_artefact(tmp_path, tiny_chat_model_dir, 
     for r in rows:  # TFT plays the agent's last legal move, shown in the prompt
         assert r["opp_action"] == r["own_last"]
         assert 0 < float(r["p_c"]) + float(r["p_d"]) <= 1 + 1e-6  # exact action probabilities (one-token actions)
-    ppo = [json.loads(line) for line in open(out / "ppo.jsonl")]
+    ppo = [json.loads(line) for line in (out / "ppo.jsonl").read_text().splitlines()]
     assert len(ppo) == 3 and all("ppo/loss/total" in p and "objective/kl" in p for p in ppo)
     assert not any(k.startswith("time/") for k in ppo[0])
     assert sorted(os.listdir(out / "checkpoints")) == ["ckpt-000002", "ckpt-000003"]
-    config = json.load(open(out / "config.json"))
+    config = json.loads((out / "config.json").read_text())
     assert config["derived"]["gen_len"] == 1 and config["derived"]["answer_prefix"] == "action"
     assert config["derived"]["ppo"]["batch_size"] == 5 and config["episodes"] == 3
-    summary = json.load(open(out / "summary.json"))
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["decisions"] == 15 and set(summary["last_10pct"]) == {"C|C", "C|D", "D|C", "D|D", "illegal"}
     assert "last 10%" in stdout
     # the final adapter loads with peft
@@ -71,7 +72,7 @@ def test_llm_vs_llm_runs_two_episodes_with_two_adapters(tmp_path, tiny_chat_mode
     assert code == 0, err
     rows = read_csv(out / "games.csv")
     assert len(rows) == 2 * 3 * 2 and {r["learner"] for r in rows} == {"agent", "opponent"}
-    ppo = [json.loads(line) for line in open(out / "ppo.jsonl")]
+    ppo = [json.loads(line) for line in (out / "ppo.jsonl").read_text().splitlines()]
     assert [p["learner"] for p in ppo] == ["agent", "opponent"] * 2
     assert {"agent", "opponent"} <= set(os.listdir(out / "final"))
     # the two players see mirrored states
@@ -88,7 +89,7 @@ def test_parallel_games_and_schedule(tmp_path, tiny_chat_model_dir, capsys):
     rows = read_csv(out / "games.csv")
     assert len(rows) == 2 * 5 * 3 and {r["slot"] for r in rows} == {"0", "1", "2"}
     assert [r["phase"] for r in rows[:1] + rows[-1:]] == ["game", "deont"]
-    config = json.load(open(out / "config.json"))
+    config = json.loads((out / "config.json").read_text())
     assert config["derived"]["gen_len"] == 2  # --format-aid defaults to none for a model given by path
     assert {r["p_c"] for r in rows} == {""}  # two-token actions: no exact probabilities from one step
     assert config["derived"]["ppo"]["batch_size"] == 15

@@ -2,12 +2,13 @@
 
 import os
 import re
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def setup_commands():
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    readme = Path(os.path.join(ROOT, "README.md")).read_text()
     section = readme.split("## Set-up", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```bash\n(.*?)\n```", section, flags=re.S)
 
@@ -24,5 +25,5 @@ def test_two_setup_commands_install_torch_first():
 
 
 def test_ci_runs_the_readme_test_command():
-    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    ci = Path(os.path.join(ROOT, ".ci", "run")).read_text()
     assert setup_commands()[1] in ci.splitlines()

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def spawn(args):
 
 def artefacts(folder):
     """The bytes of the logs and the tensors of the final adapter and value head."""
-    out = {name: open(os.path.join(folder, name), "rb").read() for name in ("games.csv", "ppo.jsonl")}
+    out = {name: Path(os.path.join(folder, name)).read_bytes() for name in ("games.csv", "ppo.jsonl")}
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
         out[name] = load_file(os.path.join(folder, "final", "agent", name))
     return out
@@ -126,9 +127,9 @@ def test_nan_reward_is_skipped_and_counted(tmp_path, tiny_chat_model_dir, monkey
     args = train_args(tiny_chat_model_dir, out)
     args[args.index("--episodes") + 1] = "4"
     cli.main(args)
-    records = [json.loads(line) for line in open(out / "ppo.jsonl")]
+    records = [json.loads(line) for line in (out / "ppo.jsonl").read_text().splitlines()]
     assert [r.get("skipped") for r in records] == [None, "non-finite reward", None, None]
-    assert json.load(open(out / "summary.json"))["skipped_nonfinite_rewards"] == 1
+    assert json.loads((out / "summary.json").read_text())["skipped_nonfinite_rewards"] == 1
     for ckpt in os.listdir(out / "checkpoints"):
         _checkpoint_is_finite(out / "checkpoints" / ckpt)
 
@@ -152,7 +153,7 @@ def test_poisoned_gradient_is_skipped_and_checkpoint_stays_clean(tmp_path, tiny_
     args = train_args(tiny_chat_model_dir, out)
     args[args.index("--episodes") + 1] = "4"
     cli.main(args)
-    records = [json.loads(line) for line in open(out / "ppo.jsonl")]
+    records = [json.loads(line) for line in (out / "ppo.jsonl").read_text().splitlines()]
     assert [r["ppo/nonfinite_steps"] for r in records] == [0.0, 1.0, 1.0, 1.0]
     for ckpt in os.listdir(out / "checkpoints"):
         _checkpoint_is_finite(out / "checkpoints" / ckpt)
@@ -193,7 +194,7 @@ def test_disk_full_keeps_the_last_checkpoint(tmp_path, tiny_chat_model_dir, monk
     monkeypatch.undo()
     _checkpoint_is_finite(out / "checkpoints" / "ckpt-000002")
     cli.main(["--resume", str(out), "--no-progress"])  # and the run finishes from there
-    assert json.load(open(out / "summary.json"))["decisions"] == EPISODES * 5
+    assert json.loads((out / "summary.json").read_text())["decisions"] == EPISODES * 5
 
 
 def test_out_of_memory_in_generation_backs_off(tmp_path, tiny_chat_model_dir, monkeypatch):
@@ -212,9 +213,9 @@ def test_out_of_memory_in_generation_backs_off(tmp_path, tiny_chat_model_dir, mo
     args = train_args(tiny_chat_model_dir, out, ["--parallel-games", "4"])
     args[args.index("--episodes") + 1] = "2"
     cli.main(args)
-    records = [json.loads(line) for line in open(out / "ppo.jsonl")]
+    records = [json.loads(line) for line in (out / "ppo.jsonl").read_text().splitlines()]
     assert records[-1]["ppo/oom_backoffs"] == 1.0
-    assert len(open(out / "games.csv").read().splitlines()) == 1 + 2 * 5 * 4
+    assert len((out / "games.csv").read_text().splitlines()) == 1 + 2 * 5 * 4
 
 
 def test_unwritable_out_folder_and_corrupt_checkpoint(tmp_path, tiny_chat_model_dir, capsys):

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def test_run_config_is_frozen_documented_and_round_trips_through_json(tmp_path):
     text = json.dumps(config.to_dict(), default=str)
     assert RunConfig.from_dict(json.loads(text)) == config
     # every field has a docstring (the source says what each setting means)
-    source = open(os.path.join(os.path.dirname(__file__), "..", "moral", "config.py")).read()
+    source = Path(os.path.join(os.path.dirname(__file__), "..", "moral", "config.py")).read_text()
     for f in dataclasses.fields(RunConfig):
         after = source.split(f"\n    {f.name}: ", 1)[1].split("\n", 2)
         assert after[1].strip().startswith('"""'), f.name
@@ -96,7 +97,7 @@ def test_logs_reach_the_disk_after_every_episode_and_checkpoints_say_what_they_a
                 assert len(f.read().splitlines()) == episode + 1
     finally:
         run.train()  # the third episode, the checkpoints and the final files
-    saved = json.load(open(tmp_path / "run" / "checkpoints" / "ckpt-000003" / "config.json"))
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "ckpt-000003" / "config.json").read_text())
     assert RunConfig.from_dict(saved) == run.config and saved["derived"]["gen_len"] == 1
 
 

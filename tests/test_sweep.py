@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,7 @@ NAMES = ["deont-tft-seed0", "deont-tft-seed1", "game-tft-seed0", "game-tft-seed1
 
 
 def write_grid(path, model_dir, text=None):
-    text = text if text is not None else open(TINY_GRID).read()
+    text = text if text is not None else Path(TINY_GRID).read_text()
     path.write_text(text.replace("TINY_MODEL", str(model_dir)))
     return str(path)
 
@@ -45,7 +46,7 @@ def sweep(grid, out, *extra, extra_env=None):
 
 
 def games_csvs(out):
-    return {name: open(os.path.join(out, "runs", name, "games.csv"), "rb").read() for name in NAMES}
+    return {name: Path(os.path.join(out, "runs", name, "games.csv")).read_bytes() for name in NAMES}
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +61,14 @@ def finished_sweep(tmp_path_factory, tiny_chat_model_dir):
 def test_a_2x2_grid_runs_to_the_end_and_a_relaunch_starts_no_run(finished_sweep):
     grid, out, stdout = finished_sweep
     assert sorted(os.listdir(out / "runs")) == NAMES
-    record = json.load(open(out / "sweep.json"))
+    record = json.loads((out / "sweep.json").read_text())
     assert record["counts"]["finished"] == 4 and record["episodes_done"] == record["episodes_total"] == 24
     for run in record["runs"]:
         assert run["state"] == "finished" and run["episode"] == 6 and run["wall_s"] > 0
         assert set(run["shares"]) >= {"C|C", "C|D", "D|C", "D|D", "illegal"}
         folder = out / "runs" / run["name"]
         assert (folder / "final" / "agent" / "adapter_model.safetensors").is_file()
-        config = json.load(open(folder / "config.json"))
+        config = json.loads((folder / "config.json").read_text())
         assert config["threads"] == 1 and config["episodes"] == 6
         assert (config["reward"], f"seed{config['seed']}") == tuple(run["name"].split("-tft-"))[:1] + \
             (run["name"].rsplit("-", 1)[1],)
@@ -76,7 +77,7 @@ def test_a_2x2_grid_runs_to_the_end_and_a_relaunch_starts_no_run(finished_sweep)
     assert code == 0, stderr
     assert "nothing to do" in stdout
     assert before == {name: os.stat(out / "runs" / name / "games.csv").st_mtime_ns for name in NAMES}
-    assert json.load(open(out / "sweep.json"))["counts"]["skipped"] == 4
+    assert json.loads((out / "sweep.json").read_text())["counts"]["skipped"] == 4
 
 
 def test_a_sweep_killed_mid_run_and_relaunched_ends_like_an_uninterrupted_one(finished_sweep, tmp_path):
@@ -92,7 +93,8 @@ def test_a_sweep_killed_mid_run_and_relaunched_ends_like_an_uninterrupted_one(fi
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray instance, workers included
-    proc.wait()
+    proc.wait()  # not communicate(): a Ray daemon outside the group may still hold the pipes open
+    proc.stdout.close(), proc.stderr.close()
     unfinished = [n for n in NAMES if not (out / "runs" / n / "summary.json").exists()]
     assert unfinished, "the sweep ended before it could be killed"
     code, stdout, stderr = sweep(grid, out)
@@ -102,7 +104,7 @@ def test_a_sweep_killed_mid_run_and_relaunched_ends_like_an_uninterrupted_one(fi
 
 def test_ray_retries_a_run_whose_worker_died_and_the_retry_resumes(finished_sweep, tmp_path, tiny_chat_model_dir):
     grid, whole, _ = finished_sweep
-    text = open(TINY_GRID).read().replace('seed = [0, 1]', 'seed = [1]').replace('["game", "deont"]', '["deont"]')
+    text = Path(TINY_GRID).read_text().replace('seed = [0, 1]', 'seed = [1]').replace('["game", "deont"]', '["deont"]')
     one = write_grid(tmp_path / "one.toml", tiny_chat_model_dir, text)
     out = tmp_path / "out"
     proc = spawn(["sweep", one, "--out", str(out), "--no-progress"])
@@ -110,12 +112,12 @@ def test_ray_retries_a_run_whose_worker_died_and_the_retry_resumes(finished_swee
     deadline = time.time() + 300
     while time.time() < deadline and not (folder / "checkpoints" / "ckpt-000002").is_dir():
         time.sleep(0.02)
-    worker = json.load(open(folder / "progress.json"))["pid"]
+    worker = json.loads((folder / "progress.json").read_text())["pid"]
     os.kill(worker, signal.SIGKILL)  # the worker, not the sweep: Ray notices and runs the task again
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
-    assert json.load(open(folder / "progress.json"))["pid"] != worker
-    assert open(folder / "games.csv", "rb").read() == games_csvs(whole)["deont-tft-seed1"]
+    assert json.loads((folder / "progress.json").read_text())["pid"] != worker
+    assert (folder / "games.csv").read_bytes() == games_csvs(whole)["deont-tft-seed1"]
 
 
 def test_a_locked_run_turns_a_second_writer_away_and_a_dead_holder_does_not(tmp_path, tiny_chat_model_dir):
@@ -140,6 +142,7 @@ def test_a_locked_run_turns_a_second_writer_away_and_a_dead_holder_does_not(tmp_
     assert holder.stdout.readline().strip() == "held"
     holder.kill()
     holder.wait()
+    holder.stdout.close()
     assert "doomed" in (folder / ".lock").read_text()
     proc = spawn(["--resume", str(folder), "--no-progress"])
     stdout, stderr = proc.communicate(timeout=300)
@@ -147,7 +150,7 @@ def test_a_locked_run_turns_a_second_writer_away_and_a_dead_holder_does_not(tmp_
 
 
 def test_a_sweep_names_the_runs_it_could_not_take_and_exits_non_zero(tmp_path, tiny_chat_model_dir):
-    text = open(TINY_GRID).read().replace('seed = [0, 1]', 'seed = [0]').replace('"deont"', '"util"')
+    text = Path(TINY_GRID).read_text().replace('seed = [0, 1]', 'seed = [0]').replace('"deont"', '"util"')
     grid = write_grid(tmp_path / "g.toml", tiny_chat_model_dir, text)
     lock = FolderLock(str(tmp_path / "out" / "runs" / "util-tft-seed0")).acquire("another sweep")
     try:
@@ -157,7 +160,7 @@ def test_a_sweep_names_the_runs_it_could_not_take_and_exits_non_zero(tmp_path, t
     assert code == 1
     assert "failed: util-tft-seed0:" in stderr and "another sweep" in stderr
     assert (tmp_path / "out" / "runs" / "game-tft-seed0" / "summary.json").is_file()  # the others went on
-    record = json.load(open(tmp_path / "out" / "sweep.json"))
+    record = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert {r["name"]: r["state"] for r in record["runs"]} == {"game-tft-seed0": "finished",
                                                               "util-tft-seed0": "failed"}
 
@@ -225,7 +228,7 @@ def test_an_unfinished_run_counts_from_its_last_checkpoint_not_its_last_report(t
 def test_a_run_folder_started_with_other_settings_is_refused(finished_sweep, tmp_path):
     grid, whole, _ = finished_sweep
     changed = tmp_path / "changed.toml"
-    changed.write_text(open(grid).read().replace("lr = 0.001", "lr = 0.002"))
+    changed.write_text(Path(grid).read_text().replace("lr = 0.001", "lr = 0.002"))
     with pytest.raises(GridError, match="was started with lr=0.001 but the grid now gives 0.002"):
         plan(str(changed), str(whole))
 
@@ -258,7 +261,7 @@ def test_eval_and_report_take_the_sweep_folder(finished_sweep, tmp_path):
     for name in ("learning.png", "regret_by_game.png", "reciprocity_ipd.png", "test_action_types.png",
                  "training_action_types.png", "sweep_results.md", "sweep_results.csv"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    table = open(out / "sweep_results.csv").read()
+    table = (out / "sweep_results.csv").read_text()
     assert "Deontological" in table and "Game payoffs" in table
 
 
@@ -471,7 +474,7 @@ def test_a_stopped_sweep_lets_its_runs_save_a_checkpoint_first(tmp_path, tiny_ch
     running run finishes its episode and saves a checkpoint, as run.py does. SIGTERM here: the driver turns it
     into Ctrl-C's KeyboardInterrupt (both were measured to pass; one is enough for the suite's time)."""
     stop = signal.SIGTERM
-    text = open(TINY_GRID).read().replace('seed = [0, 1]', 'seed = [0]').replace('["game", "deont"]', '["deont"]')
+    text = Path(TINY_GRID).read_text().replace('seed = [0, 1]', 'seed = [0]').replace('["game", "deont"]', '["deont"]')
     text = text.replace("episodes = 6", "episodes = 400").replace("save_every = 2", "save_every = 400")
     grid = write_grid(tmp_path / "long.toml", tiny_chat_model_dir, text)
     out = tmp_path / "out"
@@ -480,7 +483,7 @@ def test_a_stopped_sweep_lets_its_runs_save_a_checkpoint_first(tmp_path, tiny_ch
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
-            if json.load(open(folder / "progress.json"))["episode"] >= 3:
+            if json.loads((folder / "progress.json").read_text())["episode"] >= 3:
                 break
         except (OSError, ValueError):
             pass
@@ -491,7 +494,7 @@ def test_a_stopped_sweep_lets_its_runs_save_a_checkpoint_first(tmp_path, tiny_ch
     assert "stopping: 1 running run(s) finish their episode and save a checkpoint" in stderr
     saved = [os.path.basename(c) for c in complete_checkpoints(str(folder))]
     assert len(saved) == 1 and 3 <= checkpoint_episode(saved[0]) < 400, saved
-    run = json.load(open(out / "sweep.json"))["runs"][0]
+    run = json.loads((out / "sweep.json").read_text())["runs"][0]
     assert run["state"] == "pending" and run["episode"] == checkpoint_episode(saved[0])
 
 

@@ -3,6 +3,7 @@ resumed run continues the same event log, and asking for a tracker that is not i
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,7 @@ def test_tensorboard_gets_ppo_statistics_and_action_type_shares(tmp_path, tiny_c
     for tag in ("ppo/loss/total", "objective/kl", "ppo/policy/approxkl_k3", "actions/C|C", "actions/D|C",
                 "actions/illegal", "actions/reward"):
         assert [step for step, _ in logged[tag]] == [0, 1], tag
-    ppo = [json.loads(line) for line in open(out / "ppo.jsonl")]  # the files stay the source of truth
+    ppo = [json.loads(line) for line in (out / "ppo.jsonl").read_text().splitlines()]  # the files stay the source of truth
     assert [v for _, v in logged["ppo/loss/total"]] == pytest.approx([p["ppo/loss/total"] for p in ppo], rel=1e-6)
     for i in range(2):  # the five categories' shares add up to 1
         assert sum(logged[f"actions/{t}"][i][1] for t in ("C|C", "C|D", "D|C", "D|D", "illegal")) == \
