@@ -405,7 +405,10 @@ class PolicyModel(nn.Module):
         for m in self._lora_layers:
             m.cast_input_dtype_enabled = False
         try:
-            with torch.autocast(self.device.type, dtype=self.compute_dtype):
+            # A no-grad call must not fill the cache that hold_casts keeps open: before PyTorch's fix (pull request
+            # 165068, Dec 2025) a cast cached without grad served the later calls with grad, cutting the LoRA
+            # weights out of the graph (torch 2.6: the first fused update changed no LoRA weight).
+            with torch.autocast(self.device.type, dtype=self.compute_dtype, cache_enabled=torch.is_grad_enabled()):
                 yield
         finally:
             for m in self._lora_layers:

@@ -339,6 +339,25 @@ def test_fused_rollout_keeps_one_bf16_copy_of_each_lora_weight():
     assert shared > 0 and per_call == 10 * shared
 
 
+def test_a_no_grad_pass_inside_a_kept_rollout_leaves_the_lora_weights_in_the_graph():
+    """The prompt tree's one-time probe is a no-grad pass, run inside the first sampling call, while the rollout
+    holds autocast's casts. On torch 2.6 a cast cached there (without grad) served the later calls: the first fused
+    update then left every LoRA weight unchanged. No-grad calls now keep out of that cache; on a torch with
+    PyTorch's own fix (2.13) the LoRA change is asserted all the same."""
+    policy = bf16_policy()
+    trainer = PPOTrainer(PPOConfig(batch_size=10, mini_batch_size=10, ppo_epochs=1), policy, "agent")
+    assert policy._tree_supported is None  # not probed yet: the first generate call probes
+    lora = {n: p.detach().clone() for n, p in policy.lm.named_parameters() if "lora_" in n}
+    st = trainer.step(*fused_episode(trainer))
+    assert st["ppo/fused_rollout"] == 1.0 and policy._tree_supported is True
+    after = dict(policy.lm.named_parameters())
+    assert all(not torch.equal(after[n], before) for n, before in lora.items())
+    with torch.no_grad(), policy._compute_context():
+        assert not torch.is_autocast_cache_enabled()
+    with policy._compute_context():
+        assert torch.is_autocast_cache_enabled()
+
+
 def test_shared_casts_keep_bf16_gradients_as_accurate():
     """The shared copy sums the ten calls' gradients in bf16 before the cast back to fp32. Against a float64
     recomputation of the same batch, the LoRA gradient's relative error stays within 2% of the per-call casts'
