@@ -14,6 +14,7 @@ Each shortcut has a test that the result does not change (tests/test_trainer.py,
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -115,34 +116,42 @@ class Shortcuts:
     def sample(self, queries: list[torch.Tensor], **kwargs) -> Rollout:
         """generation.sample into the rollout's tree, keeping graphs (and one cast of the LoRA weights) when the
         step will be fused; out of memory: stop keeping graphs, then sample each half of the batch."""
-        keep = self.fusable and self.keep_graphs
+        # A caller's torch.no_grad() around generate must not leave the fused step without a graph to backpropagate.
+        # Under torch.inference_mode() no graph can be kept: such a call samples in a tree of its own (its tensors
+        # cannot join the rollout's tree) and the step recomputes its forward pass.
+        inference = torch.is_inference_mode_enabled()
+        keep = self.fusable and self.keep_graphs and not inference
         if keep:
             self.policy.hold_casts(self)
-        with self._counting(), self.policy.adapter(self.adapter):
-            rollout = self._sample(queries, {**kwargs, "keep_graph": keep, "pad_token_id": self.pad_token_id,
-                                             "max_tokens": self.chunk_tokens, "memo": self._memo})
-        if rollout.logprobs_graph is not None:
-            for i, (q, r) in enumerate(zip(queries, rollout.responses)):
-                n = len(r)
-                self._fused[(tuple(q.tolist()), tuple(r.tolist()))] = (
-                    rollout.logprobs_graph[i, :n], rollout.values_graph[i, :n], rollout.entropy[i, :n])
+        grad = torch.enable_grad() if keep else contextlib.nullcontext()
+        with grad:
+            with self._counting(), self.policy.adapter(self.adapter):
+                rollout = self._sample(queries, {**kwargs, "keep_graph": keep, "pad_token_id": self.pad_token_id,
+                                                 "max_tokens": self.chunk_tokens, "memo": self._memo},
+                                       own_tree=inference)
+            if rollout.logprobs_graph is not None:
+                for i, (q, r) in enumerate(zip(queries, rollout.responses)):
+                    n = len(r)
+                    self._fused[(tuple(q.tolist()), tuple(r.tolist()))] = (
+                        rollout.logprobs_graph[i, :n], rollout.values_graph[i, :n], rollout.entropy[i, :n])
         return rollout
 
-    def _sample(self, queries, kwargs) -> Rollout:
-        if self._tree is None and self.policy.tree_supported:
+    def _sample(self, queries, kwargs, own_tree: bool = False) -> Rollout:
+        if self._tree is None and self.policy.tree_supported and not own_tree:
             self._tree = PromptTree(self.policy)
         try:
-            return sample(self.policy, queries, tree=self._tree, **kwargs)
+            return sample(self.policy, queries, tree=None if own_tree else self._tree, **kwargs)
         except torch.OutOfMemoryError:
             self._tree = None  # a failed pass may have extended its cache part-way
             if kwargs["keep_graph"]:
                 self.stop_keeping_graphs()
-                return self._sample(queries, {**kwargs, "keep_graph": False})
+                return self._sample(queries, {**kwargs, "keep_graph": False}, own_tree)
             if len(queries) == 1:
                 raise
             self.oom_backoffs += 1
             half = len(queries) // 2
-            return join_rollouts([self._sample(queries[:half], kwargs), self._sample(queries[half:], kwargs)])
+            return join_rollouts([self._sample(queries[:half], kwargs, own_tree),
+                                  self._sample(queries[half:], kwargs, own_tree)])
 
     # ----------------------------------------------------------------------------------------- the step's passes
     def rollout_values(self, queries, responses, R: int, full: bool) -> RolloutValues:

@@ -93,7 +93,9 @@ class PPOTrainer:
         """Sample responses with this trainer's adapter, temperature and random stream (see generation.sample).
         The calls between two steps grow one prompt tree: a token an earlier call computed is not computed again.
         draft: likely answer starts, computed with the queries so that a multi-token answer that follows one
-        needs a single pass (generation.sample)."""
+        needs a single pass (generation.sample). When the step will be fused (one optimiser step over the batch) the
+        call keeps its graph for that step, under torch.no_grad() too (wrapping it there changes nothing); under
+        torch.inference_mode() it cannot, and the step recomputes its forward pass instead."""
         return self.shortcuts.sample(queries, max_new_tokens=max_new_tokens, temperature=self.config.temperature,
                                      top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
                                      generator=self.sample_generator, probe_tokens=probe_tokens, draft=draft)
