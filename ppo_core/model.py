@@ -205,6 +205,14 @@ class PolicyModel(nn.Module):
         self._keep_adapters_trainable()
         self.eval()
 
+    def train(self, mode: bool = True) -> PolicyModel:
+        """Every module stays in eval mode: dropout is off in every pass, as PPO's ratio and the kept sampling
+        graphs need. train() (a training loop's habit) warns and changes nothing."""
+        if mode:
+            warnings.warn("PolicyModel.train(): ppo_core keeps dropout off in every pass; the modules stay in eval "
+                          "mode", stacklevel=2)
+        return super().train(False)
+
     # -- adapters -------------------------------------------------------------------------------------------
     def set_adapter(self, name: str) -> None:
         """Make adapter `name` the one every later forward pass uses (every adapter stays trainable)."""

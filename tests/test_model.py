@@ -1,5 +1,7 @@
 """Model loading, 4-bit correctness, adapter save/load, and the LM-head path for other architectures."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -259,3 +261,18 @@ def test_building_a_policy_passes_on_no_library_deprecation_warning(tmp_path):
         PolicyModel(tiny_llama(0), adapters=("agent", "opponent"),
                     adapter_paths={n: str(tmp_path / n) for n in ("agent", "opponent")})
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+
+
+def test_train_mode_warns_and_keeps_dropout_off():
+    """A training loop's habit, policy.train(), used to switch LoRA dropout and the value head's dropout on, so the
+    sampling pass and the recomputed passes drew different masks (approx KL 2000x larger in a 2-epoch step)."""
+    policy = with_nonzero_lora(tiny_policy(lora_dropout=0.5, value_head_dropout=0.5))
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    before = policy.hidden_states(ids)[0]
+    with pytest.warns(UserWarning, match="stay in eval mode"):
+        assert policy.train() is policy
+    assert not any(m.training for m in policy.modules())
+    assert torch.equal(policy.hidden_states(ids)[0], before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        policy.eval()
