@@ -53,6 +53,27 @@ def sample_tokens(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def token_sequences(name: str, seqs, vocab_size: int) -> list[torch.Tensor]:
+    """seqs (a list or tuple of 1-D integer tensors or int lists) as int64 CPU tensors; a ValueError naming the
+    first bad one: not a list, not 1-D integers, empty, or a token id outside [0, vocab_size)."""
+    if not isinstance(seqs, (list, tuple)):
+        raise ValueError(f"{name} sequences must come as a list of 1-D token tensors, got {type(seqs).__name__}")
+    out = []
+    for i, s in enumerate(seqs):
+        s = torch.as_tensor(s)
+        if s.dim() != 1 or s.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"{name} {i} must be a 1-D integer tensor, got shape {tuple(s.shape)} and dtype {s.dtype}")
+        if len(s) == 0:
+            raise ValueError(f"{name} {i} is empty")
+        s = s.to(device="cpu", dtype=torch.long)
+        lo, hi = int(s.min()), int(s.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} {i} has token id {lo if lo < 0 else hi}: ids must be in [0, {vocab_size}) "
+                             f"for this model")
+        out.append(s)
+    return out
+
+
 def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, stop_at_eos: bool = False, eos_token_id=None,
            pad_token_id: int = 0, generator: torch.Generator | None = None, keep_graph: bool = False,
@@ -78,14 +99,15 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    if not queries or any(len(q) == 0 for q in queries):
-        raise ValueError("sample() needs at least one query, and every query needs at least one token")
+    vocab = policy.config.get_text_config().vocab_size
+    queries = token_sequences("query", queries, vocab)
+    if not queries:
+        raise ValueError("sample() needs at least one query")
     if stop_at_eos and eos_token_id is None:
         raise ValueError("stop_at_eos=True needs eos_token_id")
     eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                            device=policy.device, dtype=torch.long)
     drafts = sorted({tuple(int(t) for t in d[:max_new_tokens - 1]) for d in draft or ()} - {()})
-    vocab = policy.config.get_text_config().vocab_size
     if any(not 0 <= t < vocab for d in drafts for t in d):
         raise ValueError(f"draft {drafts}: token ids must be in [0, {vocab}) for this model")
     run = _Sampling(policy, max_new_tokens, temperature, top_k, top_p, stop_at_eos, eos_ids, generator,

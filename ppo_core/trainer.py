@@ -17,7 +17,7 @@ from . import functional as F
 from .batching import backward_batches
 from .config import PPOConfig
 from .control import AdaptiveKLController, FixedKLController, RunningMoments, scale_scores
-from .generation import Rollout
+from .generation import Rollout, token_sequences
 from .shortcuts import ReferenceCache, Shortcuts
 
 # Stop a run after this many optimiser steps in a row were skipped for non-finite loss or gradients.
@@ -96,6 +96,7 @@ class PPOTrainer:
         needs a single pass (generation.sample). When the step will be fused (one optimiser step over the batch) the
         call keeps its graph for that step, under torch.no_grad() too (wrapping it there changes nothing); under
         torch.inference_mode() it cannot, and the step recomputes its forward pass instead."""
+        queries = token_sequences("query", queries, self.policy.config.get_text_config().vocab_size)
         return self.shortcuts.sample(queries, max_new_tokens=max_new_tokens, temperature=self.config.temperature,
                                      top_k=top_k, top_p=top_p, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
                                      generator=self.sample_generator, probe_tokens=probe_tokens, draft=draft)
@@ -301,18 +302,8 @@ class PPOTrainer:
                              f"{len(queries)}, {len(responses)} and {len(scores)}")
         if len(queries) != self.config.batch_size:
             raise ValueError(f"got a batch of {len(queries)} samples, config.batch_size is {self.config.batch_size}")
-        checked = []  # token ids stay on the host (they are keys); forward passes copy them to the device
-        for name, seqs in (("query", queries), ("response", responses)):
-            out = []
-            for i, s in enumerate(seqs):
-                s = torch.as_tensor(s)
-                if s.dim() != 1 or s.dtype not in (torch.int64, torch.int32):
-                    raise ValueError(f"{name} {i} must be a 1-D integer tensor, got shape {tuple(s.shape)} "
-                                     f"and dtype {s.dtype}")
-                if len(s) == 0:
-                    raise ValueError(f"{name} {i} is empty")
-                out.append(s.to(device="cpu", dtype=torch.long))
-            checked.append(out)
+        vocab = self.policy.config.get_text_config().vocab_size  # token ids stay on the host (they are keys)
+        checked = [token_sequences(name, seqs, vocab) for name, seqs in (("query", queries), ("response", responses))]
         if torch.is_tensor(scores):
             scores = scores.detach().to(torch.float64).reshape(-1).cpu()
         else:

@@ -257,11 +257,37 @@ def test_full_kl_penalty_runs_and_is_nonnegative():
     (lambda q, r, s: (q, r, s[:-1] + [float("inf")]), "finite"),
     (lambda q, r, s: (q, [x.float() for x in r], s), "integer tensor"),
     (lambda q, r, s: (q[:2], r[:2], s[:2]), "batch_size"),
+    (lambda q, r, s: (q, r[:1] + [torch.tensor([5, 64])] + r[2:], s), r"response 1 has token id 64: .*\[0, 64\)"),
 ])
 def test_bad_inputs_raise_value_error(mutate, message):
     _, trainer = make(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1))
     with pytest.raises(ValueError, match=message):
         trainer.step(*mutate(*fixed_batch(4)))
+
+
+@pytest.mark.parametrize("queries, message", [
+    ([], "at least one query"),
+    (torch.tensor([[5, 6, 7], [8, 9, 10]]), "list of 1-D token tensors, got Tensor"),
+    ([torch.tensor([5, 6]), torch.tensor([], dtype=torch.long)], "query 1 is empty"),
+    ([torch.tensor([5, 6, 64])], r"query 0 has token id 64: ids must be in \[0, 64\)"),
+    ([torch.tensor([-1, 6])], "query 0 has token id -1"),
+    ([torch.tensor([5.0, 6.0])], "query 0 must be a 1-D integer tensor"),
+    ([torch.tensor([[5, 6]])], r"query 0 must be a 1-D integer tensor, got shape \(1, 2\)"),
+])
+def test_bad_queries_to_generate_raise_one_clear_value_error(queries, message):
+    """They used to surface as an AttributeError, an IndexError from the embedding, or (float ids) no error."""
+    _, trainer = make(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1))
+    with pytest.raises(ValueError, match=message):
+        trainer.generate(queries, max_new_tokens=2)
+
+
+def test_generate_takes_queries_as_int_lists_too():
+    _, trainer = make(PPOConfig(batch_size=2, mini_batch_size=2, ppo_epochs=1))
+    as_lists = trainer.generate([[5, 6, 7], [8, 9]], max_new_tokens=2).responses
+    trainer.discard_rollouts()
+    _, again = make(PPOConfig(batch_size=2, mini_batch_size=2, ppo_epochs=1))
+    as_tensors = again.generate([torch.tensor([5, 6, 7]), torch.tensor([8, 9])], max_new_tokens=2).responses
+    assert all(torch.equal(a, b) for a, b in zip(as_lists, as_tensors))
 
 
 def test_fp16_compute_uses_loss_scaling_and_updates():
