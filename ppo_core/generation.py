@@ -99,6 +99,10 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k}: must be >= 0 (0: no top-k filter)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: must be in (0, 1] (1: no nucleus filter)")
     vocab = policy.config.get_text_config().vocab_size
     queries = token_sequences("query", queries, vocab)
     if not queries:

@@ -40,6 +40,8 @@ class PPOTrainer:
         self.config = config
         self.policy = policy
         self.adapter = adapter or policy.adapter_names[0]
+        if self.adapter not in policy.adapter_names:
+            raise ValueError(f"adapter {self.adapter!r}: must be one of {', '.join(policy.adapter_names)}")
         self.pad_token_id = pad_token_id
         self.params = policy.trainable_parameters(self.adapter)
         # One fused kernel over all tensors (CPU and CUDA); the per-tensor loop agrees to float32 rounding.

@@ -273,12 +273,22 @@ def test_bad_inputs_raise_value_error(mutate, message):
     ([torch.tensor([-1, 6])], "query 0 has token id -1"),
     ([torch.tensor([5.0, 6.0])], "query 0 must be a 1-D integer tensor"),
     ([torch.tensor([[5, 6]])], r"query 0 must be a 1-D integer tensor, got shape \(1, 2\)"),
+    ({"top_k": -1}, r"top_k=-1: must be >= 0"),
+    ({"top_p": 0.0}, r"top_p=0.0: must be in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p=1.5: must be in \(0, 1\]"),
 ])
 def test_bad_queries_to_generate_raise_one_clear_value_error(queries, message):
-    """They used to surface as an AttributeError, an IndexError from the embedding, or (float ids) no error."""
+    """They used to surface as an AttributeError, an IndexError from the embedding or from torch.topk, a NaN error
+    from torch.multinomial, or (float ids, top_p > 1) no error. A dict: good queries, these sampling settings."""
     _, trainer = make(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1))
+    settings = queries if isinstance(queries, dict) else {}
     with pytest.raises(ValueError, match=message):
-        trainer.generate(queries, max_new_tokens=2)
+        trainer.generate([torch.tensor([5, 6])] if settings else queries, max_new_tokens=2, **settings)
+
+
+def test_a_trainer_for_an_adapter_the_policy_lacks_says_which_it_has():
+    with pytest.raises(ValueError, match="adapter 'opponent': must be one of agent"):
+        PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2), tiny_policy(), "opponent")
 
 
 def test_generate_takes_queries_as_int_lists_too():
