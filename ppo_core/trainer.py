@@ -118,8 +118,11 @@ class PPOTrainer:
             torch.cuda.synchronize(self.policy.device)
         return time.perf_counter()
 
+    @torch.enable_grad()  # under a caller's torch.no_grad() too
     def step(self, queries: list[torch.Tensor], responses: list[torch.Tensor], scores) -> dict[str, float]:
         """One PPO step on a batch of (query [L_i], response [R_i], scalar score) triples."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("PPOTrainer.step() computes gradients: call it outside torch.inference_mode()")
         cfg, timing, t_start = self.config, {}, self._now()
         sampled = self.shortcuts.take_computed()  # (tokens, passes) of the sampling calls
         queries, responses, raw_scores = self._check_inputs(queries, responses, scores)

@@ -426,6 +426,27 @@ def test_generate_under_no_grad_or_inference_mode_gives_the_same_update(ppo_epoc
         assert all(torch.allclose(plain[n], other[n], rtol=0, atol=1e-7) for n in plain), mix
 
 
+@pytest.mark.parametrize("ppo_epochs", [1, 2])
+def test_step_under_no_grad_makes_the_same_update_and_inference_mode_is_refused(ppo_epochs):
+    """step() under a caller's torch.no_grad() used to fail with "element 0 of tensors does not require grad"."""
+    def params_after_step(context):
+        policy = with_nonzero_lora(tiny_policy())
+        trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=ppo_epochs), policy, "agent")
+        queries, responses = [], []
+        for c in range(2):
+            q = random_queries(2, seed=c)
+            responses += trainer.generate(q, max_new_tokens=2).responses
+            queries += q
+        with context():
+            trainer.step(queries, responses, [1.0, -1.0, 0.5, 0.0])
+        return {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+
+    plain, wrapped = params_after_step(contextlib.nullcontext), params_after_step(torch.no_grad)
+    assert all(torch.equal(plain[n], wrapped[n]) for n in plain)
+    with pytest.raises(RuntimeError, match=r"call it outside torch.inference_mode\(\)"):
+        params_after_step(torch.inference_mode)
+
+
 def test_shared_casts_keep_bf16_gradients_as_accurate():
     """The shared copy sums the ten calls' gradients in bf16 before the cast back to fp32. Against a float64
     recomputation of the same batch, the LoRA gradient's relative error stays within 2% of the per-call casts'
