@@ -114,26 +114,29 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
     drafts = sorted({tuple(int(t) for t in d[:max_new_tokens - 1]) for d in draft or ()} - {()})
     if any(not 0 <= t < vocab for d in drafts for t in d):
         raise ValueError(f"draft {drafts}: token ids must be in [0, {vocab}) for this model")
+    if keep_graph and torch.is_inference_mode_enabled():
+        raise RuntimeError("sample(keep_graph=True) cannot keep a graph under torch.inference_mode()")
     run = _Sampling(policy, max_new_tokens, temperature, top_k, top_p, stop_at_eos, eos_ids, generator,
                     keep_graph, probe_tokens, drafts)
-    if not policy.tree_supported:
-        return run.padded(queries, pad_token_id, memo)
-    if tree is not None:
-        return run.tree(queries, tree, max_tokens)
-    if memo is not None and max_new_tokens == 1 and not keep_graph:
-        return run.memoised(queries, memo, max_tokens)
-    keys = [tuple(q.tolist()) for q in queries]
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    chunks = subtree_chunks([keys[i] for i in order], max_tokens, extra=sum(tree_size(drafts)))
-    if len(chunks) == 1:
-        return run.tree(queries, PromptTree(policy), None)
-    parts, rows = [], []
-    for chunk in chunks:  # each chunk's tree fits the budget; rows go back to the callers' order afterwards
-        idx = [order[j] for j in chunk]
-        parts.append(run.tree([queries[i] for i in idx], PromptTree(policy), None))
-        rows += idx
-    back = torch.tensor(sorted(range(len(rows)), key=rows.__getitem__))
-    return select_rows(join_rollouts(parts), back)
+    with torch.set_grad_enabled(keep_graph):  # a graph is kept under a caller's torch.no_grad() too
+        if not policy.tree_supported:
+            return run.padded(queries, pad_token_id, memo)
+        if tree is not None:
+            return run.tree(queries, tree, max_tokens)
+        if memo is not None and max_new_tokens == 1 and not keep_graph:
+            return run.memoised(queries, memo, max_tokens)
+        keys = [tuple(q.tolist()) for q in queries]
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        chunks = subtree_chunks([keys[i] for i in order], max_tokens, extra=sum(tree_size(drafts)))
+        if len(chunks) == 1:
+            return run.tree(queries, PromptTree(policy), None)
+        parts, rows = [], []
+        for chunk in chunks:  # each chunk's tree fits the budget; rows go back to the callers' order afterwards
+            idx = [order[j] for j in chunk]
+            parts.append(run.tree([queries[i] for i in idx], PromptTree(policy), None))
+            rows += idx
+        back = torch.tensor(sorted(range(len(rows)), key=rows.__getitem__))
+        return select_rows(join_rollouts(parts), back)
 
 
 class _Sampling:
@@ -154,34 +157,32 @@ class _Sampling:
     def tree(self, queries, tree: PromptTree, max_tokens) -> Rollout:
         """The queries' new nodes and drafted answers, then one child per row and sampled token (none to compute
         where it was drafted), computed as the tree grows."""
-        with torch.set_grad_enabled(self.keep_graph):
-            lasts = [tree.insert(q.tolist())[-1] for q in queries]
-            for last in dict.fromkeys(lasts):
-                for draft in self.drafts:
-                    tree.insert(draft, parent=last)
+        lasts = [tree.insert(q.tolist())[-1] for q in queries]
+        for last in dict.fromkeys(lasts):
+            for draft in self.drafts:
+                tree.insert(draft, parent=last)
+        tree.compute(max_tokens)
+
+        def advance(token):
+            nonlocal lasts
+            lasts = [tree.insert((t,), parent=last)[0] for last, t in zip(lasts, token.tolist())]
             tree.compute(max_tokens)
+            return self.heads(tree.hidden(lasts))
 
-            def advance(token):
-                nonlocal lasts
-                lasts = [tree.insert((t,), parent=last)[0] for last, t in zip(lasts, token.tolist())]
-                tree.compute(max_tokens)
-                return self.heads(tree.hidden(lasts))
-
-            return self.steps(*self.heads(tree.hidden(lasts)), advance, len(queries))
+        return self.steps(*self.heads(tree.hidden(lasts)), advance, len(queries))
 
     def memoised(self, queries, memo: dict, max_tokens) -> Rollout:
         """One-token answers without graph: the first-step logits of queries that `memo` lacks, in fresh trees of
         at most max_tokens nodes, then one draw per row."""
         keys = [tuple(q.tolist()) for q in queries]
         todo = sorted({k for k in keys if k not in memo})
-        with torch.no_grad():
-            for chunk in subtree_chunks(todo, max_tokens):
-                tree = PromptTree(self.policy, keep_cache=False)
-                lasts = [tree.insert(todo[j])[-1] for j in chunk]
-                tree.compute()
-                logits, _ = self.heads(tree.hidden(lasts))
-                memo.update({todo[j]: row for j, row in zip(chunk, logits)})
-            return self.steps(torch.stack([memo[k] for k in keys]), None, None, len(queries))
+        for chunk in subtree_chunks(todo, max_tokens):
+            tree = PromptTree(self.policy, keep_cache=False)
+            lasts = [tree.insert(todo[j])[-1] for j in chunk]
+            tree.compute()
+            logits, _ = self.heads(tree.hidden(lasts))
+            memo.update({todo[j]: row for j, row in zip(chunk, logits)})
+        return self.steps(torch.stack([memo[k] for k in keys]), None, None, len(queries))
 
     def padded(self, queries, pad_token_id, memo) -> Rollout:
         """Left-padded, KV-cached sampling for models that cannot take the prompt tree's mask."""
@@ -189,35 +190,34 @@ class _Sampling:
         keys, inverse_list = unique_sequences([tuple(q.tolist()) for q in queries])  # CPU queries: no device sync
         inverse = torch.tensor(inverse_list, device=device)
         use_memo = memo is not None and self.max_new_tokens == 1
-        with torch.set_grad_enabled(self.keep_graph):
-            todo = [k for k in keys if not (use_memo and k in memo)]
-            state = {}
-            if todo:
-                ids, attention_mask = pad_left([torch.tensor(k, device=device) for k in todo], pad_token_id)
-                positions = position_ids_from_mask(attention_mask)
-                hidden, cache = policy.hidden_states(ids, attention_mask, positions,
-                                                     use_cache=self.max_new_tokens > 1)
-                new_logits, new_values = self.heads(hidden[:, -1])
-                if use_memo:
-                    for j, k in enumerate(todo):
-                        memo[k] = (new_logits[j], None if new_values is None else new_values[j])
+        todo = [k for k in keys if not (use_memo and k in memo)]
+        state = {}
+        if todo:
+            ids, attention_mask = pad_left([torch.tensor(k, device=device) for k in todo], pad_token_id)
+            positions = position_ids_from_mask(attention_mask)
+            hidden, cache = policy.hidden_states(ids, attention_mask, positions,
+                                                 use_cache=self.max_new_tokens > 1)
+            new_logits, new_values = self.heads(hidden[:, -1])
             if use_memo:
-                step_logits = torch.stack([memo[keys[i]][0] for i in inverse_list])
-                step_values = torch.stack([memo[keys[i]][1] for i in inverse_list]) if self.keep_graph else None
-            else:  # todo == keys: rows of the prefill are the distinct queries
-                step_logits, step_values = new_logits[inverse], (new_values[inverse] if self.keep_graph else None)
-                if self.max_new_tokens > 1:
-                    cache.batch_select_indices(inverse)
-                    state.update(mask=attention_mask[inverse], positions=positions[inverse], cache=cache)
+                for j, k in enumerate(todo):
+                    memo[k] = (new_logits[j], None if new_values is None else new_values[j])
+        if use_memo:
+            step_logits = torch.stack([memo[keys[i]][0] for i in inverse_list])
+            step_values = torch.stack([memo[keys[i]][1] for i in inverse_list]) if self.keep_graph else None
+        else:  # todo == keys: rows of the prefill are the distinct queries
+            step_logits, step_values = new_logits[inverse], (new_values[inverse] if self.keep_graph else None)
+            if self.max_new_tokens > 1:
+                cache.batch_select_indices(inverse)
+                state.update(mask=attention_mask[inverse], positions=positions[inverse], cache=cache)
 
-            def advance(token):
-                state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
-                state["positions"] = state["positions"][:, -1:] + 1
-                hidden, state["cache"] = policy.hidden_states(token[:, None], state["mask"], state["positions"],
-                                                              past_key_values=state["cache"], use_cache=True)
-                return self.heads(hidden[:, -1])
+        def advance(token):
+            state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
+            state["positions"] = state["positions"][:, -1:] + 1
+            hidden, state["cache"] = policy.hidden_states(token[:, None], state["mask"], state["positions"],
+                                                          past_key_values=state["cache"], use_cache=True)
+            return self.heads(hidden[:, -1])
 
-            return self.steps(step_logits, step_values, advance, len(queries))
+        return self.steps(step_logits, step_values, advance, len(queries))
 
     def steps(self, step_logits, step_values, advance, batch: int) -> Rollout:
         """Sample max_new_tokens tokens; advance(token) -> the next step's (logits, values)."""

@@ -14,7 +14,6 @@ Each shortcut has a test that the result does not change (tests/test_trainer.py,
 
 from __future__ import annotations
 
-import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -101,7 +100,7 @@ class Shortcuts:
         self.oom_backoffs = 0
         self._tree: PromptTree | None = None  # the rollout's prompt tree under the current weights
         self._memo: dict = {}    # padded fallback: query -> first-token (logits, value), until the weights change
-        self._fused: dict = {}   # (query, response) -> (logprobs [R], values [R], entropy [R]) with graph
+        self._fused: dict = {}   # (query, response) -> (its sampling Rollout with graph, row, length)
         self._tokens = self._passes = 0  # backbone tokens and forward passes since the last take_computed()
 
     @property
@@ -115,50 +114,44 @@ class Shortcuts:
     # ------------------------------------------------------------------------------------------------ sampling
     def sample(self, queries: list[torch.Tensor], **kwargs) -> Rollout:
         """generation.sample into the rollout's tree, keeping graphs (and one cast of the LoRA weights) when the
-        step will be fused; out of memory: stop keeping graphs, then sample each half of the batch."""
-        # A caller's torch.no_grad() around generate must not leave the fused step without a graph to backpropagate.
-        # Under torch.inference_mode() no graph can be kept: such a call samples in a tree of its own (its tensors
-        # cannot join the rollout's tree) and the step recomputes its forward pass.
-        inference = torch.is_inference_mode_enabled()
-        keep = self.fusable and self.keep_graphs and not inference
+        step will be fused; out of memory: stop keeping graphs, then sample each half of the batch. Under
+        torch.inference_mode() no graph can be kept: the step recomputes its forward pass."""
+        keep = self.fusable and self.keep_graphs and not torch.is_inference_mode_enabled()
         if keep:
             self.policy.hold_casts(self)
-        grad = torch.enable_grad() if keep else contextlib.nullcontext()
-        with grad:
-            with self._counting(), self.policy.adapter(self.adapter):
-                rollout = self._sample(queries, {**kwargs, "keep_graph": keep, "pad_token_id": self.pad_token_id,
-                                                 "max_tokens": self.chunk_tokens, "memo": self._memo},
-                                       own_tree=inference)
-            if rollout.logprobs_graph is not None:
-                for i, (q, r) in enumerate(zip(queries, rollout.responses)):
-                    n = len(r)
-                    self._fused[(tuple(q.tolist()), tuple(r.tolist()))] = (
-                        rollout.logprobs_graph[i, :n], rollout.values_graph[i, :n], rollout.entropy[i, :n])
+        with self._counting(), self.policy.adapter(self.adapter):
+            rollout = self._sample(queries, {**kwargs, "keep_graph": keep, "pad_token_id": self.pad_token_id,
+                                             "max_tokens": self.chunk_tokens, "memo": self._memo})
+        if rollout.logprobs_graph is not None:  # sliced in rollout_values, under the step's grad mode
+            for i, (q, r) in enumerate(zip(queries, rollout.responses)):
+                self._fused[(tuple(q.tolist()), tuple(r.tolist()))] = (rollout, i, len(r))
         return rollout
 
-    def _sample(self, queries, kwargs, own_tree: bool = False) -> Rollout:
-        if self._tree is None and self.policy.tree_supported and not own_tree:
+    def _sample(self, queries, kwargs) -> Rollout:
+        shared = not torch.is_inference_mode_enabled()  # inference tensors cannot join the rollout's tree
+        if shared and self._tree is None and self.policy.tree_supported:
             self._tree = PromptTree(self.policy)
         try:
-            return sample(self.policy, queries, tree=None if own_tree else self._tree, **kwargs)
+            return sample(self.policy, queries, tree=self._tree if shared else None, **kwargs)
         except torch.OutOfMemoryError:
             self._tree = None  # a failed pass may have extended its cache part-way
             if kwargs["keep_graph"]:
                 self.stop_keeping_graphs()
-                return self._sample(queries, {**kwargs, "keep_graph": False}, own_tree)
+                return self._sample(queries, {**kwargs, "keep_graph": False})
             if len(queries) == 1:
                 raise
             self.oom_backoffs += 1
             half = len(queries) // 2
-            return join_rollouts([self._sample(queries[:half], kwargs, own_tree),
-                                  self._sample(queries[half:], kwargs, own_tree)])
+            return join_rollouts([self._sample(queries[:half], kwargs), self._sample(queries[half:], kwargs)])
 
     # ----------------------------------------------------------------------------------------- the step's passes
     def rollout_values(self, queries, responses, R: int, full: bool) -> RolloutValues:
         """The old log-probs and values: the kept sampling graph when every sample has one, else a no-grad pass."""
         keys = [(tuple(q.tolist()), tuple(r.tolist())) for q, r in zip(queries, responses)]
         if self.fusable and all(k in self._fused for k in keys):
-            graph = KeptGraph(*(_pad_rows([self._fused[k][n] for k in keys], R) for n in range(3)))
+            kept = [self._fused[k] for k in keys]
+            graph = KeptGraph(*(_pad_rows([getattr(rollout, field)[i, :n] for rollout, i, n in kept], R)
+                                for field in ("logprobs_graph", "values_graph", "entropy")))
             return RolloutValues(graph.logprobs.detach(), graph.values.detach(), graph=graph)
         self.discard()
         with torch.no_grad(), self.policy.adapter(self.adapter):

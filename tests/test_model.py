@@ -265,7 +265,7 @@ def test_building_a_policy_passes_on_no_library_deprecation_warning(tmp_path):
 
 def test_train_mode_warns_and_keeps_dropout_off():
     """A training loop's habit, policy.train(), used to switch LoRA dropout and the value head's dropout on, so the
-    sampling pass and the recomputed passes drew different masks (approx KL 2000x larger in a 2-epoch step)."""
+    sampling pass and the recomputed passes drew different masks."""
     policy = with_nonzero_lora(tiny_policy(lora_dropout=0.5, value_head_dropout=0.5))
     ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(0))
     before = policy.hidden_states(ids)[0]

@@ -400,8 +400,9 @@ def test_generate_under_no_grad_or_inference_mode_gives_the_same_update(ppo_epoc
     """Callers often wrap sampling in torch.no_grad() or torch.inference_mode(). The fused step (1 epoch)
     backpropagates through the sampling pass: no_grad used to leave it without a graph (the step reported its loss
     and changed no LoRA weight), inference_mode made its backward fail. Every mix gives the plain calls' update:
-    no_grad bit for bit; a batch with an inference-mode call recomputes its forward pass (fp32 rounding: measured
-    1.3e-8, asserted 1e-7, against Adam's first step of lr = 1.41e-5 on every weight)."""
+    no_grad bit for bit; a batch with an inference-mode call recomputes its forward pass (fp32 rounding: asserted
+    1e-7, against Adam's first step of lr = 1.41e-5 on every weight; `pytest -s -k inference_mode` prints each
+    mix's largest difference)."""
     contexts = {"plain": contextlib.nullcontext, "no_grad": torch.no_grad, "inference": torch.inference_mode}
 
     def lora_after_step(first: str, second: str):
@@ -423,7 +424,22 @@ def test_generate_under_no_grad_or_inference_mode_gives_the_same_update(ppo_epoc
     assert all(torch.equal(plain[n], other[n]) for n in plain)
     for mix in [("inference", "inference"), ("plain", "inference"), ("inference", "plain"), ("no_grad", "inference")]:
         other = lora_after_step(*mix)
-        assert all(torch.allclose(plain[n], other[n], rtol=0, atol=1e-7) for n in plain), mix
+        largest = max(float((plain[n] - other[n]).abs().max()) for n in plain)
+        print(f"ppo_epochs={ppo_epochs} {mix}: largest LoRA difference {largest:.2g}")
+        assert largest <= 1e-7, mix
+
+
+def test_sample_keeps_its_graph_under_no_grad_across_chunks_and_refuses_inference_mode():
+    """generation.sample(keep_graph=True) sets the grad mode for the whole call: a caller's torch.no_grad() used to
+    drop the graph where chunks of queries are joined (a token budget smaller than the batch's tree)."""
+    policy = with_nonzero_lora(tiny_policy())
+    queries = random_queries(6, seed=3)
+    with torch.no_grad():
+        rollout = sample(policy, queries, max_new_tokens=2, keep_graph=True, max_tokens=12,
+                         generator=torch.Generator().manual_seed(0))
+    assert rollout.logprobs_graph.requires_grad and rollout.values_graph.requires_grad
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="cannot keep a graph under torch.inference_mode"):
+        sample(policy, queries, max_new_tokens=2, keep_graph=True)
 
 
 @pytest.mark.parametrize("ppo_epochs", [1, 2])
