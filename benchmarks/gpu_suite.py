@@ -17,7 +17,9 @@ that runs out of memory with the fused rollout is retried with fuse_rollout=Fals
 learners on one base (adapters "agent"/"opponent", two trainers, 3 steps as in LLM-vs-LLM). Results go to
 <out>/cuda-<device name>.json, rewritten after every case so that a run stopped by a time limit keeps what it did.
 
-`--bench-device cpu --tiny` runs the same code on a tiny Gemma-2 on the CPU (the dry run of the CPU test suite).
+`--bench-device cpu --tiny` runs the same code on a tiny Gemma-2 on the CPU (the dry run of the CPU test suite);
+`--bench-device cpu` alone runs the full-size architecture on the CPU (bitsandbytes' CPU backend, fp32; minutes per
+episode), to <out>/cpu-<cpu>-gpu-suite.json, with no targets: the code at full size, not a GPU measurement.
 """
 
 from __future__ import annotations
@@ -176,10 +178,12 @@ def run_model(name: str, block: dict, device: torch.device, dtype: torch.dtype, 
                     break
             if result is not None:
                 block["cases"][case["name"]] = result
+                peak = (f"peak {result['peak_mem_gb']:.2f} GB" if "peak_mem_gb" in result
+                        else f"peak RSS {result.get('peak_rss_gb_process') or 0:.2f} GB")
                 log(f"[{name}] {case['name']}: {result['s_per_episode']:.3f} s/episode, "
-                    f"{result['game_steps_per_s']:.1f} game steps/s, peak "
-                    f"{result.get('peak_mem_gb') or 0:.2f} GB, {result.get('achieved_tflops', 0):.2f} TFLOP/s, "
-                    f"fused={result['fused_rollout']:.0f}")
+                    f"{result['game_steps_per_s']:.3g} game steps/s, {peak}, "
+                    f"{result['tokens_computed_per_episode']:.0f} tokens computed, "
+                    f"{result.get('achieved_tflops', 0):.2f} TFLOP/s, fused={result['fused_rollout']:.0f}")
             save()
         del policy
     finally:
@@ -248,7 +252,9 @@ def run_suite(device: str = "cuda", models=("gemma-2-2b",), tiny: bool = False, 
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-    path = os.path.join(out, bench.results_file(device, "-dry-run" if tiny else ""))
+    # Off CUDA the file gets a suffix of its own, so a full-size run on the CPU never replaces the CPU half's results.
+    suffix = "-dry-run" if tiny else ("" if device.type == "cuda" else "-gpu-suite")
+    path = os.path.join(out, bench.results_file(device, suffix))
     command = command or " ".join(["python -m benchmarks.gpu_suite"] + sys.argv[1:])
     results = {"suite": "gpu", "command": command, "environment": bench.environment(device, dtype),
                "dry_run": tiny, "targets_for": f"{TARGET_MODEL} on an H100", "models": {}}
@@ -274,7 +280,7 @@ def run_suite(device: str = "cuda", models=("gemma-2-2b",), tiny: bool = False, 
                       earlier_cases=earlier.get(name, {}).get("cases") if cases else None)
         except torch.OutOfMemoryError as exc:
             block["error"] = f"out of memory: {str(exc).splitlines()[0][:200]}"
-        if name in (TARGET_MODEL, "tiny-gemma-2"):
+        if (name == TARGET_MODEL and device.type == "cuda") or tiny:  # the targets are for a GPU
             block["targets"] = evaluate_targets(block)
         save()
     log("\n" + bench.render_results(results, os.path.basename(path)))
