@@ -213,6 +213,15 @@ class PolicyModel(nn.Module):
                           "mode", stacklevel=2)
         return super().train(False)
 
+    def requires_grad_(self, requires_grad: bool = True) -> PolicyModel:
+        """True: every adapter's LoRA weights and value head become trainable; the base stays frozen (nn.Module's
+        version would unfreeze it too: a gradient the size of the model, computed in every step and never used).
+        False: freezes them all, as nn.Module's does (a step then refuses to run until they are trainable again)."""
+        for name in self.adapter_names:
+            for p in self.trainable_parameters(name):
+                p.requires_grad_(requires_grad)
+        return self
+
     # -- adapters -------------------------------------------------------------------------------------------
     def set_adapter(self, name: str) -> None:
         """Make adapter `name` the one every later forward pass uses (every adapter stays trainable)."""

@@ -101,6 +101,7 @@ class Shortcuts:
         self._tree: PromptTree | None = None  # the rollout's prompt tree under the current weights
         self._memo: dict = {}    # padded fallback: query -> first-token (logits, value), until the weights change
         self._fused: dict = {}   # (query, response) -> (its sampling Rollout with graph, row, length)
+        self._kept_flags: tuple | None = None  # requires_grad of the trainable parameters the kept graphs saw
         self._tokens = self._passes = 0  # backbone tokens and forward passes since the last take_computed()
 
     @property
@@ -119,6 +120,8 @@ class Shortcuts:
         keep = self.fusable and self.keep_graphs and not torch.is_inference_mode_enabled()
         if keep:
             self.policy.hold_casts(self)
+            flags = self._grad_flags()  # a graph built while they were frozen cannot reach them later
+            self._kept_flags = flags if not self._fused else (flags if flags == self._kept_flags else None)
         with self._counting(), self.policy.adapter(self.adapter):
             rollout = self._sample(queries, {**kwargs, "keep_graph": keep, "pad_token_id": self.pad_token_id,
                                              "max_tokens": self.chunk_tokens, "memo": self._memo})
@@ -148,7 +151,7 @@ class Shortcuts:
     def rollout_values(self, queries, responses, R: int, full: bool) -> RolloutValues:
         """The old log-probs and values: the kept sampling graph when every sample has one, else a no-grad pass."""
         keys = [(tuple(q.tolist()), tuple(r.tolist())) for q, r in zip(queries, responses)]
-        if self.fusable and all(k in self._fused for k in keys):
+        if self.fusable and self._kept_flags == self._grad_flags() and all(k in self._fused for k in keys):
             kept = [self._fused[k] for k in keys]
             graph = KeptGraph(*(_pad_rows([getattr(rollout, field)[i, :n] for rollout, i, n in kept], R)
                                 for field in ("logprobs_graph", "values_graph", "entropy")))
@@ -255,7 +258,11 @@ class Shortcuts:
         self._tree = None
         self._memo.clear()
         self._fused.clear()
+        self._kept_flags = None
         self.policy.release_casts(self)
+
+    def _grad_flags(self) -> tuple:
+        return tuple(p.requires_grad for p in self.policy.trainable_parameters(self.adapter))
 
     def stop_keeping_graphs(self) -> None:
         """After an out-of-memory error with sampling graphs alive: free them; this and every later step

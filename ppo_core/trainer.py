@@ -123,6 +123,10 @@ class PPOTrainer:
         """One PPO step on a batch of (query [L_i], response [R_i], scalar score) triples."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("PPOTrainer.step() computes gradients: call it outside torch.inference_mode()")
+        if not any(p.requires_grad for p in self.params):
+            raise RuntimeError(f"PPOTrainer.step(): none of the parameters of adapter {self.adapter!r} requires grad "
+                               f"(after policy.requires_grad_(False)?); policy.requires_grad_(True) makes its LoRA "
+                               f"weights and value head trainable again")
         cfg, timing, t_start = self.config, {}, self._now()
         sampled = self.shortcuts.take_computed()  # (tokens, passes) of the sampling calls
         queries, responses, raw_scores = self._check_inputs(queries, responses, scores)

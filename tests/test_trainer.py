@@ -463,6 +463,41 @@ def test_step_under_no_grad_makes_the_same_update_and_inference_mode_is_refused(
         params_after_step(torch.inference_mode)
 
 
+def test_requires_grad_keeps_the_base_frozen_and_a_frozen_learner_steps_again_once_trainable():
+    """nn.Module's requires_grad_(True) would unfreeze the base (a gradient the size of the model in every step);
+    requires_grad_(False) made step() fail with "element 0 of tensors does not require grad". Now True makes only
+    the adapters and value heads trainable; a step while they are frozen is refused with one line; and a batch
+    sampled while frozen, stepped once trainable again, makes the update of a policy never frozen: its kept graph
+    cannot reach the LoRA weights, so the step recomputes (fp32 rounding, asserted 1e-7; `pytest -s -k
+    requires_grad` prints it)."""
+    policy = tiny_policy(adapters=("agent", "opponent"))
+    assert policy.requires_grad_(True) is policy
+    trainable = {id(p) for name in policy.adapter_names for p in policy.trainable_parameters(name)}
+    assert all(p.requires_grad == (id(p) in trainable) for p in policy.parameters())
+    assert not any(p.requires_grad for p in policy.requires_grad_(False).parameters())
+
+    def lora_after_step(freeze: bool):
+        policy = with_nonzero_lora(tiny_policy())
+        trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1), policy, "agent")
+        queries, scores = random_queries(4, seed=0), [1.0, -1.0, 0.5, 0.0]
+        if freeze:
+            policy.requires_grad_(False)
+        responses = trainer.generate(queries, max_new_tokens=2).responses
+        if freeze:
+            with pytest.raises(RuntimeError, match=r"adapter 'agent' requires grad .*requires_grad_\(True\)"):
+                trainer.step(queries, responses, scores)
+            policy.requires_grad_(True)
+        trainer.step(queries, responses, scores)
+        return {n: p.detach().clone() for n, p in policy.lm.named_parameters() if "lora_" in n}
+
+    start = {n: p.detach() for n, p in with_nonzero_lora(tiny_policy()).lm.named_parameters() if "lora_" in n}
+    plain, refrozen = lora_after_step(False), lora_after_step(True)
+    assert all(not torch.equal(plain[n], start[n]) for n in start)
+    largest = max(float((plain[n] - refrozen[n]).abs().max()) for n in plain)
+    print(f"frozen while sampling, then trainable: largest LoRA difference {largest:.2g}")
+    assert largest <= 1e-7
+
+
 def test_shared_casts_keep_bf16_gradients_as_accurate():
     """The shared copy sums the ten calls' gradients in bf16 before the cast back to fp32. Against a float64
     recomputation of the same batch, the LoRA gradient's relative error stays within 2% of the per-call casts'
