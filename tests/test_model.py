@@ -75,6 +75,7 @@ def test_bitsandbytes_default_cpu_path_would_be_silently_wrong(tiny_model_dir):
         assert max(errors) < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft, called by the test
 def test_saved_adapter_loads_with_peft_and_gives_the_same_outputs(tmp_path, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -212,6 +213,7 @@ def test_switching_adapters_computes_what_peft_set_adapter_does_and_keeps_every_
     assert all(p.grad is None for p in policy.trainable_parameters("opponent"))
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft, called by the test
 def test_adapters_with_extra_trainable_modules_switch_and_switch_off_through_peft(tmp_path):
     """Adapters saved with modules_to_save (whole modules trained beside LoRA) switch, and switch off for the
     reference, through peft, which also swaps those modules: the LoRA layers' own state alone would keep a trained
