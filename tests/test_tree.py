@@ -259,6 +259,18 @@ def test_a_model_that_cannot_take_the_mask_falls_back_with_one_warning(monkeypat
     assert [len(r) for r in rollout.responses] == [2, 2, 2]
 
 
+@pytest.mark.parametrize("max_tokens", [None, 48])
+def test_the_padded_path_pads_to_the_gpus_multiple_of_8_without_changing_a_value(max_tokens):
+    """On CUDA the trainer pads the padded path's sequences to a multiple of 8 (pad_multiple, never used on the
+    CPU): right padding that causal attention never sees, within the same token budget. Log-probs, values and
+    entropies agree with unpadded lengths (fp32, 1e-6)."""
+    policy = padded(make_policy("llama", "eager"))
+    out = {m: policy.forward_responses(ALL_QUERIES, ALL_RESPONSES, with_entropy=True, max_tokens=max_tokens,
+                                       pad_multiple=m) for m in (1, 8)}
+    for key in ("logprobs", "values", "entropy"):
+        torch.testing.assert_close(out[8][key], out[1][key], rtol=0, atol=1e-6)
+
+
 def test_subtree_chunks_split_within_the_budget_and_never_truncate():
     seqs = sorted([(1, 2, 3, 4), (1, 2, 3, 5), (1, 2, 9), (7, 8, 9, 10, 11, 12), (7, 8), (20,) * 9])
     assert sum(tree_size(seqs)) == len({s[:i] for s in seqs for i in range(1, len(s) + 1)})  # distinct prefixes
