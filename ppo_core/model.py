@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -189,7 +190,7 @@ class PolicyModel(nn.Module):
         # also swaps those; set_adapter() and reference() otherwise set only the LoRA layers' own state.
         self._through_peft = any(getattr(c, "modules_to_save", None) or getattr(c, "trainable_token_indices", None)
                                  for c in self.lm.peft_config.values())
-        self._cast_holders: set = set()
+        self._cast_holders: dict[int, weakref.finalize] = {}  # id(owner) -> what ends its hold
         self._tree_supported: bool | None = None
         self.use_prompt_tree = True
         """False: compute padded sequences even where the prompt tree works (benchmarks compare the two)."""
@@ -437,17 +438,19 @@ class PolicyModel(nn.Module):
     # nesting level open between calls makes the calls of a rollout share one copy. The cost: gradients from the calls
     # sum in the compute dtype before the cast back to fp32.
     def hold_casts(self, owner) -> None:
-        """Share the low-precision LoRA weight copies across forward calls until release_casts(owner)."""
-        if self._autocast and owner not in self._cast_holders:
-            self._cast_holders.add(owner)
+        """Share the low-precision LoRA weight copies across forward calls until release_casts(owner), or until
+        owner is garbage (a trainer dropped between generate and step must not keep them, nor itself, alive)."""
+        if self._autocast and id(owner) not in self._cast_holders:
             torch.autocast_increment_nesting()
+            end = weakref.finalize(owner, _end_cast_hold, self._cast_holders, id(owner))
+            end.atexit = False
+            self._cast_holders[id(owner)] = end
 
     def release_casts(self, owner) -> None:
         """End owner's hold_casts(); the cached copies are freed when no owner holds them any more."""
-        if owner in self._cast_holders:
-            self._cast_holders.discard(owner)
-            if torch.autocast_decrement_nesting() == 0:
-                torch.clear_autocast_cache()
+        end = self._cast_holders.get(id(owner))
+        if end is not None:
+            end()
 
     def weights_changed(self) -> None:
         """Call after every optimiser step: held copies of the old weights must not serve a later forward."""
@@ -537,6 +540,16 @@ class PolicyModel(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------- save / load
+def _end_cast_hold(holders: dict, key: int) -> None:
+    """Ends one hold_casts(): run by release_casts, or when its owner is garbage (at most once either way)."""
+    del holders[key]
+    level = torch.autocast_decrement_nesting()
+    if level < 0:  # the level was reset under the hold (a test fixture does): leave it at 0
+        torch.autocast_increment_nesting()
+    elif level == 0:
+        torch.clear_autocast_cache()
+
+
 def save_adapter(policy: PolicyModel, name: str, folder: str) -> None:
     """Write adapter `name` in peft's layout (adapter_config.json + adapter_model.safetensors) plus its value head
     into `folder` (flat), so that ``PeftModel.from_pretrained(base, folder)`` loads it."""

@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import dataclasses
+import weakref
 
 import pytest
 import torch
@@ -374,6 +375,30 @@ def test_fused_rollout_keeps_one_bf16_copy_of_each_lora_weight():
 
     shared, per_call = saved_copies(True), saved_copies(False)
     assert shared > 0 and per_call == 10 * shared
+
+
+def test_a_trainer_dropped_between_generate_and_step_frees_its_rollout():
+    """Under autocast a rollout holds the LoRA weights' casts open (PolicyModel.hold_casts). A trainer dropped
+    between generate and step (a notebook cell run again) stayed alive through that hold, with its kept graph and
+    prompt tree (gigabytes for Gemma-2-2b), and left autocast's nesting level raised. Now it is freed when dropped,
+    the level is back to 0, and the next trainer makes the update a fresh policy makes, bit for bit."""
+    def lora_after_step(drop_one_first: bool):
+        policy = bf16_policy()
+        config = PPOConfig(batch_size=10, mini_batch_size=10, ppo_epochs=1)
+        if drop_one_first:
+            dropped = PPOTrainer(config, policy, "agent")
+            fused_episode(dropped, seed=1)
+            assert autocast_nesting() == 1 and len(policy._cast_holders) == 1
+            shortcuts = weakref.ref(dropped.shortcuts)
+            del dropped
+            assert shortcuts() is None and not policy._cast_holders and autocast_nesting() == 0
+        trainer = PPOTrainer(config, policy, "agent")
+        trainer.step(*fused_episode(trainer))
+        assert autocast_nesting() == 0 and not policy._cast_holders
+        return {n: p.detach().clone() for n, p in policy.lm.named_parameters() if "lora_" in n}
+
+    fresh, after_a_dropped_trainer = lora_after_step(False), lora_after_step(True)
+    assert all(torch.equal(fresh[n], after_a_dropped_trainer[n]) for n in fresh)
 
 
 def test_a_no_grad_pass_inside_a_kept_rollout_leaves_the_lora_weights_in_the_graph():
