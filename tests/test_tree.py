@@ -271,6 +271,22 @@ def test_the_padded_path_pads_to_the_gpus_multiple_of_8_without_changing_a_value
         torch.testing.assert_close(out[8][key], out[1][key], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("mask_lost", [False, True])
+def test_the_probe_judges_the_mask_in_fp32_inside_a_callers_autocast(mask_lost, monkeypatch):
+    """A caller who wraps the loop in torch.autocast(bf16) around an fp32 policy made the one-time probe compare
+    bf16 passes against the fp32 tolerance: it failed (relative error 0.0055), switched the tree off for good and
+    warned that the model "cannot take the mask". The probe now runs outside the caller's autocast; a mask that
+    really gets lost is still caught there."""
+    policy = tiny_policy(0)
+    if mask_lost:
+        monkeypatch.setattr(PolicyModel, "attention_mask_4d", lambda self, visible, implementation=None: None)
+    with warnings.catch_warnings(record=True) as caught, torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("always")
+        assert policy.tree_supported is (not mask_lost)
+        assert torch.is_autocast_enabled("cpu")  # the caller's region is as it was
+    assert len([w for w in caught if "prompt tree" in str(w.message)]) == int(mask_lost)
+
+
 def test_subtree_chunks_split_within_the_budget_and_never_truncate():
     seqs = sorted([(1, 2, 3, 4), (1, 2, 3, 5), (1, 2, 9), (7, 8, 9, 10, 11, 12), (7, 8), (20,) * 9])
     assert sum(tree_size(seqs)) == len({s[:i] for s in seqs for i in range(1, len(s) + 1)})  # distinct prefixes
