@@ -454,9 +454,9 @@ class PolicyModel(nn.Module):
             end()
 
     def weights_changed(self) -> None:
-        """Call after every optimiser step: held copies of the old weights must not serve a later forward."""
-        if self._cast_holders:
-            torch.clear_autocast_cache()
+        """Call after every optimiser step or load: cached low-precision copies of the old weights must not serve a
+        later forward (ours, held by hold_casts, or those of a caller's own autocast region around the loop)."""
+        torch.clear_autocast_cache()
 
     def logits(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """LM head (+ the model's final soft-capping) on the given hidden states only. [..., H] -> [..., V]."""
@@ -589,3 +589,4 @@ def load_adapter_weights(policy: PolicyModel, name: str, folder: str) -> None:
     if unexpected:
         raise ValueError(f"adapter in {folder} does not fit this model: unexpected keys {unexpected[:3]}")
     load_value_head(policy.value_heads[name], folder)
+    policy.weights_changed()

@@ -377,6 +377,42 @@ def test_fused_rollout_keeps_one_bf16_copy_of_each_lora_weight():
     assert shared > 0 and per_call == 10 * shared
 
 
+def test_a_callers_autocast_region_around_the_loop_never_serves_casts_of_old_weights(tmp_path):
+    """Autocast caches the low-precision copy of each trainable weight until its outermost region exits. A caller
+    who wraps the whole loop in torch.autocast(bf16) around an fp32 policy got, after the first update, samples
+    computed from the copies of the weights before it (episode 2's log-probs -27.39 instead of -29.54 in a tiny
+    run), and after load_adapter_weights the copies of the weights before the load. Now the optimiser step and the
+    load clear the cache: the same as one region per call, bit for bit."""
+    from ppo_core.model import load_adapter_weights, save_adapter
+    save_adapter(with_nonzero_lora(tiny_policy(), seed=7), "agent", str(tmp_path / "other"))
+
+    def episodes(one_region: bool):
+        policy = with_nonzero_lora(tiny_policy())
+        trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-2), policy,
+                             "agent")
+        per_call = contextlib.nullcontext if one_region else (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        logprobs = []
+        with torch.autocast("cpu", dtype=torch.bfloat16) if one_region else contextlib.nullcontext():
+            for episode in range(3):
+                queries = random_queries(4, seed=episode)
+                with per_call():
+                    rollout = trainer.generate(queries, max_new_tokens=2)
+                logprobs.append(rollout.logprobs)
+                with per_call():
+                    trainer.step(queries, rollout.responses, [1.0, -1.0, 0.5, 0.0])
+            for _ in range(2):  # sample (filling the cache), load other weights, sample again
+                with per_call():
+                    logprobs.append(trainer.generate(random_queries(4, seed=9), max_new_tokens=2).logprobs)
+                trainer.discard_rollouts()
+                load_adapter_weights(policy, "agent", str(tmp_path / "other"))
+                trainer.sample_generator.manual_seed(0)
+        return logprobs
+
+    one_region, per_call = episodes(True), episodes(False)
+    assert not torch.equal(per_call[3], per_call[4])  # the load changed what is sampled
+    assert all(torch.equal(a, b) for a, b in zip(one_region, per_call))
+
+
 def test_a_trainer_dropped_between_generate_and_step_frees_its_rollout():
     """Under autocast a rollout holds the LoRA weights' casts open (PolicyModel.hold_casts). A trainer dropped
     between generate and step (a notebook cell run again) stayed alive through that hold, with its kept graph and
