@@ -151,6 +151,10 @@ class PolicyModel(nn.Module):
 
         if not adapters or len(set(adapters)) != len(adapters):
             raise ValueError(f"adapters={adapters!r}: need one or more distinct names")
+        if isinstance(lm, PeftModel) or getattr(lm, "peft_config", None):
+            raise ValueError(f"lm is already a peft model ({type(lm).__name__}, adapters "
+                             f"{', '.join(getattr(lm, 'peft_config', {})) or 'none'}); PolicyModel adds its own: "
+                             f"pass the base model, and a saved adapter as adapter_paths={{name: folder}}")
         prepare_frozen(lm)
         adapter_paths = adapter_paths or {}
         first = adapters[0]

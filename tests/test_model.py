@@ -278,3 +278,13 @@ def test_train_mode_warns_and_keeps_dropout_off():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         policy.eval()
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft, called by the test
+def test_a_model_that_already_has_peft_adapters_is_refused_with_one_line():
+    """A PeftModel used to be wrapped again: its adapter stayed on in every pass, the reference included, under
+    PolicyModel's own. (transformers' own add_adapter, caught by the same check, needs peft >= 0.22, unreleased.)"""
+    from peft import LoraConfig, get_peft_model
+    from ppo_core.testing import tiny_llama
+    with pytest.raises(ValueError, match=r"already a peft model \(PeftModel, adapters default\).*adapter_paths"):
+        PolicyModel(get_peft_model(tiny_llama(0), LoraConfig(r=4, target_modules="all-linear")))
