@@ -155,6 +155,10 @@ class PolicyModel(nn.Module):
             raise ValueError(f"lm is already a peft model ({type(lm).__name__}, adapters "
                              f"{', '.join(getattr(lm, 'peft_config', {})) or 'none'}); PolicyModel adds its own: "
                              f"pass the base model, and a saved adapter as adapter_paths={{name: folder}}")
+        if any(getattr(m, "gradient_checkpointing", False) for m in lm.modules()):
+            warnings.warn("ppo_core: gradient checkpointing saves nothing here (transformers checkpoints only in "
+                          "training mode, and every module stays in eval mode); bound memory with "
+                          "PPOConfig(micro_batch_tokens=...) or fuse_rollout=False", stacklevel=2)
         prepare_frozen(lm)
         adapter_paths = adapter_paths or {}
         first = adapters[0]

@@ -288,3 +288,17 @@ def test_a_model_that_already_has_peft_adapters_is_refused_with_one_line():
     from ppo_core.testing import tiny_llama
     with pytest.raises(ValueError, match=r"already a peft model \(PeftModel, adapters default\).*adapter_paths"):
         PolicyModel(get_peft_model(tiny_llama(0), LoraConfig(r=4, target_modules="all-linear")))
+
+
+def test_gradient_checkpointing_switched_on_by_the_caller_gets_one_warning_that_it_saves_nothing():
+    """A QLoRA habit: lm.gradient_checkpointing_enable() (activation_checkpointing_enable in newer transformers,
+    which sets the same flag). transformers checkpoints only in training mode, and the policy keeps every module in
+    eval mode, so it used to save no memory, silently."""
+    from ppo_core.testing import tiny_llama
+    lm = tiny_llama(0)
+    (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()  # 5.24 / 5.17
+    with pytest.warns(UserWarning, match="gradient checkpointing saves nothing here"):
+        PolicyModel(lm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        PolicyModel(tiny_llama(0))
