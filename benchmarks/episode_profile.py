@@ -1,16 +1,17 @@
 """Where the time of one main-job episode goes at --parallel-games 1, by kind of work: the episode's five sampling
 calls and its PPO step are recorded once (after two warm-up episodes) and replayed under torch.profiler.
 
-    python -m benchmarks.episode_profile        (run it on an idle machine)
+    python -m benchmarks.episode_profile [--ops N]    (run it on an idle machine)
 
 Prints the replayed episode's seconds and tokens through the backbone, the matrix products split into the frozen
 base's, the LoRA factors' (a dimension equal to the rank) and the LM head's with their GFLOP and achieved GFLOP/s, and
-the attention kernels' time, and the rest.
+the attention kernels' time, and the rest; with --ops N also the N ops with the most self time, by name.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import time
 
@@ -48,8 +49,14 @@ def recorded_episode(folder: str, config=None):
     return run, replay
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
+    import argparse
+
     from torch.profiler import ProfilerActivity, profile
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.episode_profile")
+    parser.add_argument("--ops", type=int, default=0, metavar="N", help="also list the N ops with most self time")
+    args = parser.parse_args(argv)
 
     folder = tempfile.mkdtemp(prefix="episode-profile-")
     try:
@@ -87,7 +94,11 @@ def main() -> None:
         print(f"{kind:<12} {ms:7.0f} {ms / total_ms:6.0%} {gflop:7.1f} {rate}")
     other = total_ms - sum(ms for ms, _ in kinds.values())
     print(f"{'other ops':<12} {other:7.0f} {other / total_ms:6.0%}   (norms, activations, copies, adds, Adam, ...)")
+    if args.ops:
+        print(f"{'op (self time)':<48} {'ms':>7} {'calls':>7}")
+        for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:args.ops]:
+            print(f"{e.key[:48]:<48} {e.self_cpu_time_total / 1e3:7.1f} {e.count:7d}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
