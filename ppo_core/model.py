@@ -141,6 +141,9 @@ class PolicyModel(nn.Module):
 
     ``with policy.adapter(name):`` selects the learner; ``with policy.reference():`` disables every adapter (the
     reference policy pi_ref). Dropout stays off: every method runs the modules in eval mode.
+    compute_dtype: bf16 or fp16 runs the LM under autocast (LoRA master weights and value heads stay fp32); None
+    takes the dtype the model's own weights compute in (its embeddings', or a 4-bit model's compute dtype when that
+    is 16-bit), so a model loaded in bf16 computes in bf16 and one loaded in fp32 in fp32.
     """
 
     def __init__(self, lm: nn.Module, adapters: tuple[str, ...] = ("default",),
@@ -190,7 +193,7 @@ class PolicyModel(nn.Module):
         self.lm.set_adapter(first)
         # bf16/fp16 compute: run the LM (LoRA branches included; their fp32 master weights are cast per op) under
         # autocast. The value head stays fp32.
-        self.compute_dtype = compute_dtype or torch.float32
+        self.compute_dtype = compute_dtype or weights_compute_dtype(base)
         self._autocast = self.compute_dtype in (torch.bfloat16, torch.float16)
         from peft.tuners.lora import LoraLayer
         self._lora_layers = [m for m in self.lm.modules() if isinstance(m, LoraLayer)]
@@ -382,8 +385,8 @@ class PolicyModel(nn.Module):
     @property
     def tree_supported(self) -> bool:
         """Whether this model computes a packed prompt tree exactly: probed once on two short sequences that share
-        a prefix (tree vs separate sequences, fp32 tolerance 1e-4 relative to the logits' scale). A model that
-        fails keeps the padded path, with one warning. False too when use_prompt_tree is switched off."""
+        a prefix (tree vs separate sequences, relative to the logits' scale: 1e-4 in fp32, 5e-2 where the model or
+        its compute dtype is 16-bit). A model that fails keeps the padded path, with one warning. False too when use_prompt_tree is switched off."""
         if not self.use_prompt_tree:
             return False
         if self._tree_supported is None:
@@ -410,7 +413,8 @@ class PolicyModel(nn.Module):
                 separate = torch.cat([self.logits(self.hidden_states(s[None].to(self.device))[0][:, -1]).float()
                                       for s in (a, b)])
             error = float((packed - separate).abs().max() / separate.abs().max().clamp(min=1e-6))
-            tolerance = 1e-4 if not self._autocast else 5e-2
+            low = self._autocast or weights_compute_dtype(self.lm.get_base_model()) != torch.float32
+            tolerance = 5e-2 if low else 1e-4
             ok = error <= tolerance
             reason = f"packed and separate logits differ by {error:.2g} (relative)"
         except Exception as exc:  # noqa: BLE001 - any failure means: do not pack for this model
@@ -546,6 +550,22 @@ class PolicyModel(nn.Module):
         ours = self.logits(self.hidden_states(input_ids)[0]).float()
         theirs = self.lm(input_ids=input_ids).logits.float()
         return float((ours - theirs).abs().max())
+
+
+def weights_compute_dtype(lm: nn.Module) -> torch.dtype:
+    """The dtype a loaded model computes in by itself: its input embeddings' (a model loaded in bf16 computes in
+    bf16), or the compute dtype of its 4-bit layers where that is 16-bit; fp32 for anything else."""
+    low = (torch.bfloat16, torch.float16)
+    quant = getattr(getattr(lm, "config", None), "quantization_config", None)
+    four_bit = quant.get("bnb_4bit_compute_dtype") if isinstance(quant, dict) else \
+        getattr(quant, "bnb_4bit_compute_dtype", None)
+    if isinstance(four_bit, str):
+        four_bit = getattr(torch, four_bit.removeprefix("torch."), None)
+    if four_bit in low:
+        return four_bit
+    embeddings = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
+    dtype = getattr(getattr(embeddings, "weight", None), "dtype", torch.float32)
+    return dtype if dtype in low else torch.float32
 
 
 # -------------------------------------------------------------------------------------------- save / load

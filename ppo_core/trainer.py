@@ -37,6 +37,10 @@ class PPOTrainer:
 
     def __init__(self, config: PPOConfig, policy, adapter: str | None = None, *, pad_token_id: int = 0,
                  reference_cache: ReferenceCache | None = None):
+        from .model import PolicyModel
+        if not isinstance(config, PPOConfig) or not isinstance(policy, PolicyModel):
+            raise TypeError(f"PPOTrainer(config, policy): needs a PPOConfig and a PolicyModel, got "
+                            f"{type(config).__name__} and {type(policy).__name__}")
         self.config = config
         self.policy = policy
         self.adapter = adapter or policy.adapter_names[0]

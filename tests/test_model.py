@@ -302,3 +302,28 @@ def test_gradient_checkpointing_switched_on_by_the_caller_gets_one_warning_that_
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         PolicyModel(tiny_llama(0))
+
+
+def test_a_model_loaded_in_bf16_computes_in_bf16_by_default_and_keeps_the_prompt_tree():
+    """PolicyModel(load_causal_lm(...)) on a GPU gets bf16 weights; the policy used to default to fp32 compute (no
+    autocast), so the tree's probe judged bf16 arithmetic by the fp32 tolerance (relative error 0.0069 on this
+    tiny model), switched the tree off for good and warned that the model cannot take the mask."""
+    from ppo_core.model import weights_compute_dtype
+    from ppo_core.testing import tiny_llama
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        policy = PolicyModel(tiny_llama(0).to(torch.bfloat16), lora=LoraSettings(r=4))
+        assert policy.compute_dtype == torch.bfloat16
+        assert policy.tree_supported
+        assert PolicyModel(tiny_llama(0), lora=LoraSettings(r=4)).compute_dtype == torch.float32
+        # fp32 asked for explicitly: the bf16 weights still round, and the probe allows for it
+        assert PolicyModel(tiny_llama(0).to(torch.bfloat16), lora=LoraSettings(r=4),
+                           compute_dtype=torch.float32).tree_supported
+    lora_a = next(p for n, p in policy.named_parameters() if "lora_A" in n)
+    assert lora_a.dtype == torch.float32 and policy.value_heads["default"].summary.weight.dtype == torch.float32
+    # a 4-bit model's compute dtype, as transformers keeps it (an object, or a dict after a save and load)
+    lm = tiny_llama(0)
+    lm.config.quantization_config = {"load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16"}
+    assert weights_compute_dtype(lm) == torch.bfloat16
+    lm.config.quantization_config = {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"}
+    assert weights_compute_dtype(lm) == torch.float32

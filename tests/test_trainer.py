@@ -690,3 +690,12 @@ def test_out_of_memory_in_generation_samples_each_half(monkeypatch):
     assert sizes == [4, 2, 2] and trainer.shortcuts.oom_backoffs == 1
     assert len(rollout.responses) == 4 and rollout.logprobs.shape == (4, 2)
     assert trainer.step(queries, rollout.responses, [1.0, 0.0, -1.0, 0.5])["ppo/oom_backoffs"] == 1
+
+
+def test_trainer_arguments_in_the_wrong_order_get_one_line():
+    """TRL's PPOTrainer took (config, model, ...); passing (policy, config) used to fail inside with
+    "'PPOConfig' object has no attribute 'adapter_names'"."""
+    policy = tiny_policy()
+    with pytest.raises(TypeError, match=r"needs a PPOConfig and a PolicyModel, got PolicyModel and PPOConfig"):
+        PPOTrainer(policy, PPOConfig(batch_size=2, mini_batch_size=2))
+    PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2), policy)
