@@ -318,9 +318,18 @@ class PPOTrainer:
         vocab = self.policy.config.get_text_config().vocab_size  # token ids stay on the host (they are keys)
         checked = [token_sequences(name, seqs, vocab) for name, seqs in (("query", queries), ("response", responses))]
         if torch.is_tensor(scores):
+            if scores.numel() != len(queries):
+                raise ValueError(f"scores must be one number per sample; got a tensor of shape {tuple(scores.shape)} "
+                                 f"for {len(queries)} samples")
             scores = scores.detach().to(torch.float64).reshape(-1).cpu()
         else:
-            scores = torch.tensor([float(torch.as_tensor(s).reshape(())) for s in scores], dtype=torch.float64)
+            numbers = []
+            for i, s in enumerate(scores):
+                try:
+                    numbers.append(float(torch.as_tensor(s).reshape(())))
+                except (TypeError, ValueError, RuntimeError):
+                    raise ValueError(f"scores must be one number per sample; sample {i} has score {s!r}") from None
+            scores = torch.tensor(numbers, dtype=torch.float64)
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
         if bad:
             raise ValueError(f"scores must be finite; sample {bad[0]} has score {float(scores[bad[0]])}")

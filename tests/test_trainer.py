@@ -259,6 +259,9 @@ def test_full_kl_penalty_runs_and_is_nonnegative():
     (lambda q, r, s: (q, [x.float() for x in r], s), "integer tensor"),
     (lambda q, r, s: (q[:2], r[:2], s[:2]), "batch_size"),
     (lambda q, r, s: (q, r[:1] + [torch.tensor([5, 64])] + r[2:], s), r"response 1 has token id 64: .*\[0, 64\)"),
+    (lambda q, r, s: (q, r, s[:1] + ["high"] + s[2:]), "one number per sample; sample 1 has score 'high'"),
+    (lambda q, r, s: (q, r, s[:1] + [torch.tensor([1.0, 2.0])] + s[2:]), "one number per sample; sample 1"),
+    (lambda q, r, s: (q, r, torch.tensor(s)[:, None].expand(4, 2)), r"tensor of shape \(4, 2\) for 4 samples"),
 ])
 def test_bad_inputs_raise_value_error(mutate, message):
     _, trainer = make(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1))
