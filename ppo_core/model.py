@@ -225,6 +225,27 @@ class PolicyModel(nn.Module):
                           "mode", stacklevel=2)
         return super().train(False)
 
+    def _apply(self, fn, recurse: bool = True):
+        """policy.to(torch.bfloat16) / .half() / .bfloat16() (a habit): the base takes that dtype and the policy then
+        computes in it under autocast, but the LoRA weights and value heads stay fp32 (in bf16 Adam's small updates
+        were lost to rounding: a first step at lr 1.41e-5 changed about half of a tiny model's LoRA weights).
+        .to(device), .float() and .double() are nn.Module's."""
+        super()._apply(fn, recurse)
+        if getattr(self, "_cast_holders", None) is None:  # still in __init__
+            return self
+        trainable = [p for name in self.adapter_names for p in self.trainable_parameters(name)]
+        low = {p.dtype for p in trainable} & {torch.bfloat16, torch.float16}
+        if low:
+            with torch.no_grad():
+                for p in trainable:
+                    p.data = p.data.float()
+                    if p.grad is not None:
+                        p.grad = p.grad.float()
+            self.compute_dtype = low.pop()
+            self._autocast = True
+        self.weights_changed()
+        return self
+
     def requires_grad_(self, requires_grad: bool = True) -> PolicyModel:
         """True: every adapter's LoRA weights and value head become trainable; the base stays frozen (nn.Module's
         version would unfreeze it too: a gradient the size of the model, computed in every step and never used).

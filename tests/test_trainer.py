@@ -702,3 +702,20 @@ def test_trainer_arguments_in_the_wrong_order_get_one_line():
     with pytest.raises(TypeError, match=r"needs a PPOConfig and a PolicyModel, got PolicyModel and PPOConfig"):
         PPOTrainer(policy, PPOConfig(batch_size=2, mini_batch_size=2))
     PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2), policy)
+
+
+def test_policy_to_bf16_computes_in_bf16_and_keeps_fp32_master_weights_that_learn():
+    """policy.to(torch.bfloat16) (a habit) cast the LoRA weights and value head to bf16 too: Adam's first step at the
+    paper's lr 1.41e-5 then left about half of them unchanged (rounded away), silently."""
+    from ppo_core import LoraSettings, PolicyModel
+    policy = PolicyModel(tiny_llama(0), lora=LoraSettings(r=4)).to(torch.bfloat16)
+    trainer = PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2, learning_rate=1.41e-5), policy)
+    assert policy.compute_dtype == torch.bfloat16
+    assert {p.dtype for p in trainer.params} == {torch.float32}
+    assert policy.lm.get_base_model().get_input_embeddings().weight.dtype == torch.bfloat16
+    before = [p.detach().clone() for p in trainer.params]
+    queries = [torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 5])]
+    trainer.step(queries, trainer.generate(queries, max_new_tokens=2).responses, [1.0, -1.0])
+    unchanged = sum(int((p == b).sum()) for p, b in zip(trainer.params, before))
+    assert unchanged == 0, f"{unchanged} of {sum(b.numel() for b in before)} trainable weights did not move"
+    assert {p.dtype for p in policy.to(torch.float64).trainable_parameters("default")} == {torch.float64}
