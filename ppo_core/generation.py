@@ -3,6 +3,7 @@ request, keeps their autograd graph and the values, so that a one-update PPO ste
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,14 @@ def token_sequences(name: str, seqs, vocab_size: int) -> list[torch.Tensor]:
     return out
 
 
+def _index(value) -> int | None:
+    """value as a Python int if it is an integer (int, numpy integer, 0-d integer tensor), else None."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, stop_at_eos: bool = False, eos_token_id=None,
            pad_token_id: int = 0, generator: torch.Generator | None = None, keep_graph: bool = False,
@@ -97,8 +106,8 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
     instead of one per token. The numbers are those of the undrafted computation (the same nodes, in another pass);
     a wrong guess costs its tokens, which nothing attends to.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if _index(max_new_tokens) is None or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
     if top_k < 0:
         raise ValueError(f"top_k={top_k}: must be >= 0 (0: no top-k filter)")
     if not 0 < top_p <= 1:
@@ -109,8 +118,12 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
         raise ValueError("sample() needs at least one query")
     if stop_at_eos and eos_token_id is None:
         raise ValueError("stop_at_eos=True needs eos_token_id")
-    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
-                           device=policy.device, dtype=torch.long)
+    eos_list = [_index(t) for t in (list(eos_token_id) if isinstance(eos_token_id, (list, tuple, set)) else
+                                    [eos_token_id])] if stop_at_eos else []  # only stop_at_eos reads it
+    if stop_at_eos and (not eos_list or any(t is None or not 0 <= t < vocab for t in eos_list)):
+        raise ValueError(f"eos_token_id={eos_token_id!r}: must be a token id in [0, {vocab}) for this model, or "
+                         f"a list of them")
+    eos_ids = torch.tensor(eos_list, device=policy.device, dtype=torch.long)
     drafts = sorted({tuple(int(t) for t in d[:max_new_tokens - 1]) for d in draft or ()} - {()})
     if any(not 0 <= t < vocab for d in drafts for t in d):
         raise ValueError(f"draft {drafts}: token ids must be in [0, {vocab}) for this model")

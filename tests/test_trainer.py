@@ -280,14 +280,28 @@ def test_bad_inputs_raise_value_error(mutate, message):
     ({"top_k": -1}, r"top_k=-1: must be >= 0"),
     ({"top_p": 0.0}, r"top_p=0.0: must be in \(0, 1\]"),
     ({"top_p": 1.5}, r"top_p=1.5: must be in \(0, 1\]"),
+    ({"max_new_tokens": 1.5}, r"max_new_tokens=1.5: must be an integer >= 1"),
+    ({"stop_at_eos": True, "eos_token_id": 64}, r"eos_token_id=64: must be a token id in \[0, 64\)"),
+    ({"stop_at_eos": True, "eos_token_id": [3, -1]}, r"eos_token_id=\[3, -1\]: must be a token id"),
 ])
 def test_bad_queries_to_generate_raise_one_clear_value_error(queries, message):
     """They used to surface as an AttributeError, an IndexError from the embedding or from torch.topk, a NaN error
-    from torch.multinomial, or (float ids, top_p > 1) no error. A dict: good queries, these sampling settings."""
+    from torch.multinomial, a TypeError from range(), or (float ids, top_p > 1, an EOS id outside the vocabulary, so
+    that no response ever stopped) no error. A dict: good queries, these sampling settings."""
     _, trainer = make(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1))
-    settings = queries if isinstance(queries, dict) else {}
+    settings = {"max_new_tokens": 2, **queries} if isinstance(queries, dict) else {"max_new_tokens": 2}
     with pytest.raises(ValueError, match=message):
-        trainer.generate([torch.tensor([5, 6])] if settings else queries, max_new_tokens=2, **settings)
+        trainer.generate([torch.tensor([5, 6])] if isinstance(queries, dict) else queries, **settings)
+
+
+def test_generate_takes_numpy_and_tensor_integers_for_counts_and_eos():
+    import numpy as np
+    _, trainer = make(PPOConfig(batch_size=2, mini_batch_size=2, ppo_epochs=1))
+    for eos in (np.int64(5), torch.tensor(5), (5, 6)):
+        rollout = trainer.generate([torch.tensor([5, 6])], max_new_tokens=np.int64(3), stop_at_eos=True,
+                                   eos_token_id=eos)
+        assert 1 <= len(rollout.responses[0]) <= 3
+        trainer.discard_rollouts()
 
 
 def test_a_trainer_for_an_adapter_the_policy_lacks_says_which_it_has():
