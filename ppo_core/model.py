@@ -376,8 +376,12 @@ class PolicyModel(nn.Module):
     gradients computes the same numbers (a first PPO epoch's ratio stays 1)."""
 
     def attention_for(self, queries: int, keys: int) -> str:
-        """The attention implementation a packed pass of `queries` new tokens over `keys` keys runs with."""
+        """The attention implementation a packed pass of `queries` new tokens over `keys` keys runs with: SDPA (or
+        eager, see EAGER_PAIRS_CPU) whatever the model's own, since only these two take the tree's 4-D mask as it is
+        (flash attention takes none; torch 2.13's flex attention on the CPU crashed the process on one)."""
         implementation = self.config.get_text_config()._attn_implementation
+        if implementation not in ("eager", "sdpa"):
+            implementation = "sdpa" if getattr(self.lm.get_base_model(), "_supports_sdpa", False) else "eager"
         if implementation == "sdpa" and self.device.type == "cpu" and queries * keys <= self.EAGER_PAIRS_CPU:
             return "eager"
         return implementation

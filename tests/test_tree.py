@@ -391,3 +391,38 @@ def test_a_fused_update_after_drafted_sampling_is_the_update_without_drafts():
     assert stats["ppo/tokens_computed"] > stats_n["ppo/tokens_computed"]
     # one pass per call instead of two, and one reference pass (a cold cache) in both
     assert (stats["ppo/backbone_passes"], stats_n["ppo/backbone_passes"]) == (3 + 1, 6 + 1)
+
+
+def test_a_model_whose_attention_takes_no_mask_packs_its_tree_with_sdpa():
+    """Flash attention takes no 4-D mask, and torch 2.13's flex attention on the CPU crashed the process (segfault in
+    its compiled kernel) on the tree's mask; packed passes now run SDPA (or eager) whatever the model's own
+    attention. The stand-in here is causal attention that ignores any mask, exact for one unpadded sequence (as
+    flash attention is): before, the probe found the tree wrong (0.38) and switched it off with a warning."""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface, LlamaForCausalLM
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def maskless(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("ppo_core_test_maskless", maskless)
+    AttentionMaskInterface.register("ppo_core_test_maskless", sdpa_mask)
+
+    def make():
+        config = tiny_llama_config()
+        config._attn_implementation = "ppo_core_test_maskless"
+        torch.manual_seed(0)
+        return with_nonzero_lora(PolicyModel(LlamaForCausalLM(config).eval(), adapters=("agent",),
+                                             lora=LoraSettings(r=4, alpha=8, dropout=0.0)), 0)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="ppo_core")
+        policy = make()
+        assert policy.tree_supported and policy.attention_for(1000, 1000) == "sdpa"
+    tree = policy.forward_responses(ALL_QUERIES, ALL_RESPONSES, with_entropy=True)
+    one_by_one = padded(make())  # one sequence per pass: no padding for the mask to ignore
+    for i, (query, response) in enumerate(zip(ALL_QUERIES, ALL_RESPONSES)):
+        alone = one_by_one.forward_responses([query], [response], with_entropy=True)
+        for key in ("logprobs", "values", "entropy"):
+            assert torch.allclose(tree[key][i].detach(), alone[key][0].detach(), atol=TOL, rtol=TOL), (i, key)
