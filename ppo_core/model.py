@@ -411,7 +411,8 @@ class PolicyModel(nn.Module):
     def tree_supported(self) -> bool:
         """Whether this model computes a packed prompt tree exactly: probed once on two short sequences that share
         a prefix (tree vs separate sequences, relative to the logits' scale: 1e-4 in fp32, 5e-2 where the model or
-        its compute dtype is 16-bit). A model that fails keeps the padded path, with one warning. False too when use_prompt_tree is switched off."""
+        its compute dtype is 16-bit). A model that fails keeps the padded path, with one warning. False too when
+        use_prompt_tree is switched off."""
         if not self.use_prompt_tree:
             return False
         if self._tree_supported is None:
