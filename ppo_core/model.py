@@ -353,11 +353,12 @@ class PolicyModel(nn.Module):
     # -- the prompt tree (ppo_core.tree) ---------------------------------------------------------------------------
     @property
     def sliding_window(self) -> int | None:
-        """Window of the model's sliding-window layers (they get a mask of their own), None without such layers."""
+        """Window of the model's sliding-window layers (they get a mask of their own), None without such layers.
+        A config with a window and no layer types (Mistral, Phi-3, Starcoder2) slides in every layer."""
         text = self.config.get_text_config()
         window = getattr(text, "sliding_window", None)
-        layer_types = getattr(text, "layer_types", None) or ()
-        return window if window and "sliding_attention" in layer_types else None
+        layer_types = getattr(text, "layer_types", None)
+        return window if window and (layer_types is None or "sliding_attention" in layer_types) else None
 
     def attention_mask_4d(self, visible: torch.Tensor, implementation: str | None = None) -> torch.Tensor:
         """[Q, K] bool (True = may attend) -> the [1, 1, Q, K] mask the attention `implementation` (default: the
@@ -393,8 +394,11 @@ class PolicyModel(nn.Module):
         attend to and extend."""
         implementation = self.attention_for(*visible["full_attention"].shape)
         masks = {kind: self.attention_mask_4d(m, implementation) for kind, m in visible.items()}
-        mask = masks if "sliding_attention" in masks else masks["full_attention"]
         config = self.config.get_text_config()
+        if "sliding_attention" not in masks:
+            mask = masks["full_attention"]
+        else:  # per layer type where the model has them, else every layer slides
+            mask = masks if getattr(config, "layer_types", None) is not None else masks["sliding_attention"]
         chosen = config._attn_implementation
         try:
             if implementation != chosen:

@@ -426,3 +426,22 @@ def test_a_model_whose_attention_takes_no_mask_packs_its_tree_with_sdpa():
         alone = one_by_one.forward_responses([query], [response], with_entropy=True)
         for key in ("logprobs", "values", "entropy"):
             assert torch.allclose(tree[key][i].detach(), alone[key][0].detach(), atol=TOL, rtol=TOL), (i, key)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_model_whose_every_layer_slides_gets_the_window_in_its_tree_mask(attn):
+    """Mistral (as Phi-3 and Starcoder2) has a sliding window and no layer types: every layer slides. Its tree mask
+    used to ignore the window, so the probe failed (0.11) and the tree was off for such models; sequences of 20
+    tokens against a window of 8."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    def make():
+        torch.manual_seed(0)
+        config = MistralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                               max_position_embeddings=256, initializer_range=0.2, attn_implementation=attn)
+        return with_nonzero_lora(PolicyModel(MistralForCausalLM(config).eval(), adapters=("agent",),
+                                             lora=LoraSettings(r=4, alpha=8, dropout=0.0)), 0)
+
+    assert make().sliding_window == 8
+    assert_tree_matches(tree_and_padded(make))
