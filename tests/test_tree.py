@@ -445,3 +445,39 @@ def test_a_model_whose_every_layer_slides_gets_the_window_in_its_tree_mask(attn)
 
     assert make().sliding_window == 8
     assert_tree_matches(tree_and_padded(make))
+
+
+def _arch_config(arch: str):
+    import transformers as tf
+    common = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
+    return {
+        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=16),
+        "phi3": lambda: tf.Phi3Config(**common, sliding_window=8, pad_token_id=0),  # every layer slides
+        "gemma3": lambda: tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8,
+                                              layer_types=["sliding_attention", "full_attention"]),
+        "olmo2": lambda: tf.Olmo2Config(**common),
+        "cohere": lambda: tf.CohereConfig(**common),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4,
+                                             max_position_embeddings=256, initializer_range=0.2),
+        "gpt2": lambda: tf.GPT2Config(vocab_size=64, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                      initializer_range=0.2),  # learned absolute positions
+    }[arch]()
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out:UserWarning")  # peft on GPT-2's Conv1D layers
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["qwen3", "phi3", "gemma3", "olmo2", "cohere", "gpt_neox", "gpt2"])
+def test_other_architectures_take_the_tree_and_match_separate_sequences(arch, attn):
+    """Beyond Llama and Gemma-2: what a researcher may load instead (per-layer and every-layer sliding windows,
+    QK norms, parallel attention, learned positions); 20-token sequences, windows of 8; fp32, 1e-5."""
+    from transformers import AutoModelForCausalLM
+
+    def make():
+        torch.manual_seed(0)
+        lm = AutoModelForCausalLM.from_config(_arch_config(arch), attn_implementation=attn).eval()
+        return with_nonzero_lora(PolicyModel(lm, adapters=("agent",), lora=LoraSettings(r=4, alpha=8, dropout=0.0)),
+                                 0)
+
+    assert_tree_matches(tree_and_padded(make))
