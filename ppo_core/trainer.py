@@ -58,9 +58,8 @@ class PPOTrainer:
         self.shuffle_generator = torch.Generator().manual_seed(config.seed)
         self.shortcuts = Shortcuts(policy, self.adapter, config, pad_token_id=pad_token_id,
                                    reference_cache=reference_cache)
-        # fp16 compute (V100): scale the loss so that small LoRA gradients do not underflow
-        self.scaler = torch.amp.GradScaler(policy.device.type) \
-            if getattr(policy, "compute_dtype", None) == torch.float16 else None
+        self.scaler: torch.amp.GradScaler | None = None
+        self._ensure_scaler()
         self.step_count = 0
         self.counters = {"skipped_steps": 0, "nonfinite_steps": 0}
         self._consecutive_nonfinite = 0
@@ -117,6 +116,13 @@ class PPOTrainer:
         return self.shortcuts.reference(queries, responses, R, full)
 
     # ------------------------------------------------------------------------------------------------- step
+    def _ensure_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16 compute (V100, or a policy cast with .half() after this trainer was made): scale the loss so that
+        small LoRA gradients do not underflow."""
+        if self.scaler is None and self.policy.compute_dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler(self.policy.device.type)
+        return self.scaler
+
     def _now(self) -> float:
         if self.sync_timing and self.policy.device.type == "cuda":
             torch.cuda.synchronize(self.policy.device)
@@ -131,6 +137,7 @@ class PPOTrainer:
             raise RuntimeError(f"PPOTrainer.step(): none of the parameters of adapter {self.adapter!r} requires grad "
                                f"(after policy.requires_grad_(False)?); policy.requires_grad_(True) makes its LoRA "
                                f"weights and value head trainable again")
+        self._ensure_scaler()
         cfg, timing, t_start = self.config, {}, self._now()
         sampled = self.shortcuts.take_computed()  # (tokens, passes) of the sampling calls
         queries, responses, raw_scores = self._check_inputs(queries, responses, scores)
@@ -392,6 +399,6 @@ class PPOTrainer:
         self.counters.update(counters)
         self.shortcuts.chunk_tokens = state["chunk_tokens"]
         self.shortcuts.keep_graphs = bool(state.get("keep_graphs", True))
-        if self.scaler is not None and state.get("scaler"):
+        if self._ensure_scaler() is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.discard_rollouts()

@@ -338,6 +338,19 @@ def test_fp16_compute_uses_loss_scaling_and_updates():
     assert trainer.state_dict()["scaler"]["scale"] > 0
 
 
+def test_a_policy_cast_to_fp16_after_its_trainer_was_made_gets_loss_scaling():
+    """The scaler used to be decided once, when the trainer was made: policy.half() afterwards left fp16 compute
+    without loss scaling (small LoRA gradients underflow)."""
+    from ppo_core import LoraSettings, PolicyModel
+    policy = PolicyModel(tiny_llama(0), adapters=("agent",), lora=LoraSettings(r=8, alpha=16))
+    trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1), policy, "agent")
+    assert trainer.scaler is None and trainer.state_dict()["scaler"] is None
+    policy.half()
+    queries = random_queries(4, seed=0)
+    trainer.step(queries, trainer.generate(queries, max_new_tokens=2).responses, [1.0, -1.0, 0.5, 0.0])
+    assert trainer.scaler is not None and trainer.state_dict()["scaler"]["scale"] > 0
+
+
 # ---------------------------------------------------------------- one low-precision copy of the LoRA weights
 def bf16_policy(seed=0, adapters=("agent",)):
     from ppo_core import LoraSettings, PolicyModel
