@@ -611,16 +611,26 @@ def _end_cast_hold(holders: dict, key: int) -> None:
 
 def save_adapter(policy: PolicyModel, name: str, folder: str) -> None:
     """Write adapter `name` in peft's layout (adapter_config.json + adapter_model.safetensors) plus its value head
-    into `folder` (flat), so that ``PeftModel.from_pretrained(base, folder)`` loads it."""
+    into `folder` (flat), so that ``PeftModel.from_pretrained(base, folder)`` loads it. The files are written beside
+    it first and then each replaces its old version whole: a save that fails or is killed while writing leaves the
+    adapter saved before it as it was."""
+    import shutil
+    import tempfile
+
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
-    config = policy.lm.peft_config[name]
-    config.save_pretrained(folder)
-    state = {k: v.detach().contiguous().cpu() for k, v in policy.adapter_state_dict(name).items()}
-    save_file(state, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
-    head = {k: v.detach().contiguous().cpu() for k, v in policy.value_heads[name].state_dict().items()}
-    save_file(head, os.path.join(folder, VALUE_HEAD_FILE), metadata={"format": "pt"})
+    staging = tempfile.mkdtemp(prefix=".saving-", dir=folder)
+    try:
+        policy.lm.peft_config[name].save_pretrained(staging)
+        state = {k: v.detach().contiguous().cpu() for k, v in policy.adapter_state_dict(name).items()}
+        save_file(state, os.path.join(staging, "adapter_model.safetensors"), metadata={"format": "pt"})
+        head = {k: v.detach().contiguous().cpu() for k, v in policy.value_heads[name].state_dict().items()}
+        save_file(head, os.path.join(staging, VALUE_HEAD_FILE), metadata={"format": "pt"})
+        for file in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, file), os.path.join(folder, file))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_value_head(head: ValueHead, folder: str) -> None:

@@ -1,5 +1,6 @@
 """Model loading, 4-bit correctness, adapter save/load, and the LM-head path for other architectures."""
 
+import os
 import warnings
 
 import pytest
@@ -73,6 +74,33 @@ def test_bitsandbytes_default_cpu_path_would_be_silently_wrong(tiny_model_dir):
         assert max(errors) > 0.1
     else:  # no repacking on this CPU: the default path is the autograd path
         assert max(errors) < 1e-5
+
+
+def test_a_save_that_fails_midway_leaves_the_adapter_saved_before_it(tmp_path, monkeypatch):
+    """save_adapter wrote its three files in place, one after the other: a save that died after the LoRA weights
+    (disk full, a kill) left new weights beside the old value head."""
+    import safetensors.torch
+    from ppo_core.model import load_adapter_weights
+    policy, folder = tiny_policy(0), str(tmp_path / "agent")
+    save_adapter(policy, "agent", folder)
+    saved = [p.detach().clone() for p in policy.trainable_parameters("agent")]
+    with torch.no_grad():
+        for p in policy.trainable_parameters("agent"):
+            p.add_(1.0)
+    real = safetensors.torch.save_file
+
+    def fail_on_the_value_head(tensors, path, metadata=None):
+        if path.endswith("value_head.safetensors"):
+            raise OSError(28, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail_on_the_value_head)
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(policy, "agent", folder)
+    monkeypatch.undo()
+    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors", "value_head.safetensors"]
+    load_adapter_weights(policy, "agent", folder)
+    assert all(torch.equal(a, b) for a, b in zip(policy.trainable_parameters("agent"), saved))
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft, called by the test
