@@ -154,10 +154,15 @@ class PolicyModel(nn.Module):
 
         if not adapters or len(set(adapters)) != len(adapters):
             raise ValueError(f"adapters={adapters!r}: need one or more distinct names")
-        if isinstance(lm, PeftModel) or getattr(lm, "peft_config", None):
+        if isinstance(lm, PeftModel):
             raise ValueError(f"lm is already a peft model ({type(lm).__name__}, adapters "
                              f"{', '.join(getattr(lm, 'peft_config', {})) or 'none'}); PolicyModel adds its own: "
                              f"pass the base model, and a saved adapter as adapter_paths={{name: folder}}")
+        if getattr(lm, "peft_config", None):
+            raise ValueError(f"lm already carries peft adapters ({', '.join(lm.peft_config)}): it is the base of "
+                             f"another PolicyModel, or had adapters added; pass a base model of its own (one "
+                             f"PolicyModel holds several adapters: adapters=(...)), and a saved adapter as "
+                             f"adapter_paths={{name: folder}}")
         if any(getattr(m, "gradient_checkpointing", False) for m in lm.modules()):
             warnings.warn("ppo_core: gradient checkpointing saves nothing here (transformers checkpoints only in "
                           "training mode, and every module stays in eval mode); bound memory with "

@@ -316,6 +316,10 @@ def test_a_model_that_already_has_peft_adapters_is_refused_with_one_line():
     from ppo_core.testing import tiny_llama
     with pytest.raises(ValueError, match=r"already a peft model \(PeftModel, adapters default\).*adapter_paths"):
         PolicyModel(get_peft_model(tiny_llama(0), LoraConfig(r=4, target_modules="all-linear")))
+    lm = tiny_llama(0)
+    PolicyModel(lm, lora=LoraSettings(r=4))
+    with pytest.raises(ValueError, match=r"carries peft adapters \(default\): it is the base of another PolicyModel"):
+        PolicyModel(lm, lora=LoraSettings(r=4))  # one base, two policies: the second would wrap the first's LoRA
 
 
 def test_gradient_checkpointing_switched_on_by_the_caller_gets_one_warning_that_it_saves_nothing():
