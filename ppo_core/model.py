@@ -598,8 +598,10 @@ def weights_compute_dtype(lm: nn.Module) -> torch.dtype:
         four_bit = getattr(torch, four_bit.removeprefix("torch."), None)
     if four_bit in low:
         return four_bit
-    embeddings = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
-    dtype = getattr(getattr(embeddings, "weight", None), "dtype", torch.float32)
+    try:
+        dtype = lm.get_input_embeddings().weight.dtype
+    except (AttributeError, NotImplementedError):  # a model without the usual accessor: its first float weight's
+        dtype = next((p.dtype for p in lm.parameters() if p.is_floating_point()), torch.float32)
     return dtype if dtype in low else torch.float32
 
 
