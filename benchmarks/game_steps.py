@@ -3,7 +3,8 @@
     python -m benchmarks.game_steps G [MEASURED]     (1 warm-up episode, then MEASURED episodes; default 2)
 
 Prints seconds per episode, game steps (decisions) per second and the tokens through the backbone per episode
-(ppo/tokens_computed). Run it on an idle machine; compare versions in one sitting.
+(ppo/tokens_computed; None for commits before the prompt tree, which do not log it). Run it on an idle machine;
+compare versions in one sitting, the older one with `PYTHONPATH=<its checkout> python benchmarks/game_steps.py G`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def main(argv: list[str]) -> None:
             episode = run.run_episode()
             if i:
                 times.append(time.perf_counter() - t)
-                tokens.append(episode.stats["agent"]["ppo/tokens_computed"])
+                tokens.append(episode.stats["agent"].get("ppo/tokens_computed"))  # None before the tree
         run.logs.close()
         seconds = sum(times) / len(times)
         print(f"--parallel-games {games}: {seconds:.2f} s/episode, {run.config.steps * games / seconds:.2f} game "

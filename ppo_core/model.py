@@ -199,7 +199,6 @@ class PolicyModel(nn.Module):
         # bf16/fp16 compute: run the LM (LoRA branches included; their fp32 master weights are cast per op) under
         # autocast. The value head stays fp32.
         self.compute_dtype = compute_dtype or weights_compute_dtype(base)
-        self._autocast = self.compute_dtype in (torch.bfloat16, torch.float16)
         from peft.tuners.lora import LoraLayer
         self._lora_layers = [m for m in self.lm.modules() if isinstance(m, LoraLayer)]
         # Adapters that train whole modules or token rows beside LoRA switch (and switch off) through peft, which
@@ -230,10 +229,14 @@ class PolicyModel(nn.Module):
                           "mode", stacklevel=2)
         return super().train(False)
 
+    @property
+    def _autocast(self) -> bool:
+        return self.compute_dtype in (torch.bfloat16, torch.float16)
+
     def _apply(self, fn, recurse: bool = True):
         """policy.to(torch.bfloat16) / .half() / .bfloat16() (a habit): the base takes that dtype and the policy then
         computes in it under autocast, but the LoRA weights and value heads stay fp32 (in bf16 Adam's small updates
-        were lost to rounding: a first step at lr 1.41e-5 changed about half of a tiny model's LoRA weights).
+        were rounded away: tests/test_trainer.py::test_policy_to_bf16_computes_in_bf16_and_keeps_fp32_master_weights_that_learn).
         .to(device), .float() and .double() are nn.Module's."""
         super()._apply(fn, recurse)
         if getattr(self, "_cast_holders", None) is None:  # still in __init__
@@ -247,7 +250,6 @@ class PolicyModel(nn.Module):
                     if p.grad is not None:
                         p.grad = p.grad.float()
             self.compute_dtype = low.pop()
-            self._autocast = True
         self.weights_changed()
         return self
 
@@ -360,10 +362,19 @@ class PolicyModel(nn.Module):
     def sliding_window(self) -> int | None:
         """Window of the model's sliding-window layers (they get a mask of their own), None without such layers.
         A config with a window and no layer types (Mistral, Phi-3, Starcoder2) slides in every layer."""
-        text = self.config.get_text_config()
-        window = getattr(text, "sliding_window", None)
-        layer_types = getattr(text, "layer_types", None)
-        return window if window and (layer_types is None or "sliding_attention" in layer_types) else None
+        window = getattr(self.config.get_text_config(), "sliding_window", None)
+        if not window:
+            return None
+        return window if self._every_layer_slides or "sliding_attention" in self._layer_types else None
+
+    @property
+    def _layer_types(self) -> list[str] | None:
+        return getattr(self.config.get_text_config(), "layer_types", None)
+
+    @property
+    def _every_layer_slides(self) -> bool:
+        """A window and no layer types: the model gets one mask, the sliding one."""
+        return self._layer_types is None and bool(getattr(self.config.get_text_config(), "sliding_window", None))
 
     def attention_mask_4d(self, visible: torch.Tensor, implementation: str | None = None) -> torch.Tensor:
         """[Q, K] bool (True = may attend) -> the [1, 1, Q, K] mask the attention `implementation` (default: the
@@ -399,11 +410,11 @@ class PolicyModel(nn.Module):
         attend to and extend."""
         implementation = self.attention_for(*visible["full_attention"].shape)
         masks = {kind: self.attention_mask_4d(m, implementation) for kind, m in visible.items()}
-        config = self.config.get_text_config()
         if "sliding_attention" not in masks:
             mask = masks["full_attention"]
-        else:  # per layer type where the model has them, else every layer slides
-            mask = masks if getattr(config, "layer_types", None) is not None else masks["sliding_attention"]
+        else:
+            mask = masks["sliding_attention"] if self._every_layer_slides else masks
+        config = self.config.get_text_config()
         chosen = config._attn_implementation
         try:
             if implementation != chosen:
@@ -587,6 +598,16 @@ class PolicyModel(nn.Module):
         return float((ours - theirs).abs().max())
 
 
+def _end_cast_hold(holders: dict, key: int) -> None:
+    """Ends one hold_casts(): run by release_casts, or when its owner is garbage (at most once either way)."""
+    del holders[key]
+    level = torch.autocast_decrement_nesting()
+    if level < 0:  # the level was reset under the hold (a test fixture does): leave it at 0
+        torch.autocast_increment_nesting()
+    elif level == 0:
+        torch.clear_autocast_cache()
+
+
 def weights_compute_dtype(lm: nn.Module) -> torch.dtype:
     """The dtype a loaded model computes in by itself: its input embeddings' (a model loaded in bf16 computes in
     bf16), or the compute dtype of its 4-bit layers where that is 16-bit; fp32 for anything else."""
@@ -606,16 +627,6 @@ def weights_compute_dtype(lm: nn.Module) -> torch.dtype:
 
 
 # -------------------------------------------------------------------------------------------- save / load
-def _end_cast_hold(holders: dict, key: int) -> None:
-    """Ends one hold_casts(): run by release_casts, or when its owner is garbage (at most once either way)."""
-    del holders[key]
-    level = torch.autocast_decrement_nesting()
-    if level < 0:  # the level was reset under the hold (a test fixture does): leave it at 0
-        torch.autocast_increment_nesting()
-    elif level == 0:
-        torch.clear_autocast_cache()
-
-
 def save_adapter(policy: PolicyModel, name: str, folder: str) -> None:
     """Write adapter `name` in peft's layout (adapter_config.json + adapter_model.safetensors) plus its value head
     into `folder` (flat), so that ``PeftModel.from_pretrained(base, folder)`` loads it. The files are written beside

@@ -597,7 +597,7 @@ def test_shared_casts_keep_bf16_gradients_as_accurate():
     def relative_error(share: bool, seed: int) -> float:
         policy = bf16_policy(seed)
         reference = copy.deepcopy(policy).double()
-        reference.compute_dtype, reference._autocast = torch.float64, False
+        reference.compute_dtype = torch.float64
         if not share:
             policy.hold_casts = lambda owner: None
         cfg = PPOConfig(batch_size=10, mini_batch_size=10, ppo_epochs=1)
@@ -733,7 +733,7 @@ def test_trainer_arguments_in_the_wrong_order_get_one_line():
 
 def test_policy_to_bf16_computes_in_bf16_and_keeps_fp32_master_weights_that_learn():
     """policy.to(torch.bfloat16) (a habit) cast the LoRA weights and value head to bf16 too: Adam's first step at the
-    paper's lr 1.41e-5 then left about half of them unchanged (rounded away), silently."""
+    paper's lr 1.41e-5 then left part of them unchanged (rounded away), silently."""
     from ppo_core import LoraSettings, PolicyModel
     policy = PolicyModel(tiny_llama(0), lora=LoraSettings(r=4)).to(torch.bfloat16)
     trainer = PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2, learning_rate=1.41e-5), policy)
