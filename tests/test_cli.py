@@ -167,3 +167,16 @@ def test_resume_of_a_finished_run_changes_nothing(tmp_path, capsys, monkeypatch)
     assert out.startswith(f"{run} is finished (3 episodes); nothing to continue")
     assert "last 10%" in out and "25.0%" in out
     assert (run / "summary.json").read_text() == summary and (run / "final" / "adapter.bin").read_bytes() == b"weights"
+
+
+def test_the_gguf_readers_own_progress_bar_is_off_while_the_embedded_model_converts(capsys):
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    from moral.embedded import quiet_gguf_reader
+    with quiet_gguf_reader():
+        for _ in reader.tqdm(range(3), desc="Converting GGUF"):
+            pass
+    assert "Converting GGUF" not in capsys.readouterr().err
+    for _ in reader.tqdm(range(3), desc="Converting GGUF"):  # restored afterwards
+        pass
+    assert "Converting GGUF" in capsys.readouterr().err
