@@ -2,9 +2,13 @@
 them off: the fixed part of a pass is why the prompt tree saves less time than tokens at --parallel-games 1.
 Then one frozen base product of the model (the first MLP up projection) by token count, forward and input gradient:
 from about a hundred tokens on it runs near this CPU's best rate; at one token it is bound by reading the weight. Last,
-what all of a 231-token pass's base products would take at that product's 231-token rate.
+what all of a 231-token pass's base products would take at that product's 231-token rate. Then one pass of the prompt
+tree as a rollout runs it (with grad, the LoRA weight casts held) and its backward, by token count, fitted to a fixed
+part per pass plus a part per token, and an episode's time by that fit for its passes and tokens (`--passes`,
+`--tokens`: the main job's per-episode means from ppo.jsonl, `ppo/backbone_passes` and `ppo/tokens_computed`).
 
     python -m benchmarks.forward_cost                (medians of 5 after one warm-up; the job's default dtype)
+    python -m benchmarks.forward_cost --passes 4.0 --tokens 522
     python -m benchmarks.forward_cost --dtype bf16   (another compute dtype, e.g. bf16 on a CPU without bf16
                                                       instructions: the forward's layout, x @ W.T, against the input
                                                       gradient's, grad @ W, shows why emulated bf16 is so slow)
@@ -26,7 +30,10 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="compute dtype (default: the job's on this machine)")
-    config = RunConfig(episodes=1, dtype=p.parse_args(argv).dtype).resolve()
+    p.add_argument("--passes", type=float, default=4.0, help="backbone passes per episode (default 4.0)")
+    p.add_argument("--tokens", type=float, default=522.0, help="tokens through the backbone per episode (default 522)")
+    args = p.parse_args(argv)
+    config = RunConfig(episodes=1, dtype=args.dtype).resolve()
     policy, _ = load_agent_model(config, init_seed=0)
 
     print(f"{'tokens':>6} {'LoRA s':>8} {'no LoRA s':>9}   ({policy.compute_dtype})")
@@ -58,6 +65,57 @@ def main(argv=None) -> None:
     base_flop = 2 * 231 * dims.layers * dims.p_lin
     print(f"\na 231-token pass's base products: {base_flop / 1e9:.1f} GFLOP, {base_flop / rate[231]:.3f} s at the "
           f"231-token rate above")
+
+    print("\none prompt-tree pass as a rollout runs it (grad, LoRA casts held) and its backward")
+    print(f"{'tokens':>6} {'forward s':>9} {'backward s':>10}")
+    sizes, costs = (1, 21, 110, 231, 443), []
+    for length in sizes:
+        fwd, bwd = tree_pass_with_backward(policy, length)
+        costs.append(fwd + bwd)
+        print(f"{length:>6} {fwd:9.3f} {bwd:10.3f}")
+    n, mean_n, mean_c = len(sizes), sum(sizes) / len(sizes), sum(costs) / len(costs)
+    per_token = sum((x - mean_n) * (c - mean_c) for x, c in zip(sizes, costs)) / sum((x - mean_n) ** 2 for x in sizes)
+    fixed = mean_c - per_token * mean_n
+    print(f"least-squares fit: {fixed:.3f} s per pass + {per_token * 1e3:.2f} ms per token (forward and backward)")
+    print(f"an episode of {args.passes:g} passes and {args.tokens:g} tokens: {args.passes * fixed:.2f} s fixed + "
+          f"{args.tokens * per_token:.2f} s for its tokens = {args.passes * fixed + args.tokens * per_token:.2f} s")
+
+
+def tree_pass_with_backward(policy, length: int, n: int = 5) -> tuple[float, float]:
+    """Median seconds of one packed pass of `length` new tokens with grad (LoRA casts held, as in a rollout), the
+    LM and value heads at its last token, and the backward of their sum."""
+    import statistics
+    import time
+
+    from ppo_core.tree import PromptTree
+
+    owner = _Holder()
+    generator = torch.Generator().manual_seed(length)
+    fwd, bwd = [], []
+    for _ in range(n + 1):
+        ids = torch.randint(100, 1000, (length,), generator=generator).tolist()
+        policy.hold_casts(owner)
+        try:
+            start = time.perf_counter()
+            tree = PromptTree(policy)
+            tree.insert(ids)
+            tree.compute()
+            hidden = tree.hidden([length - 1])
+            loss = policy.logits(hidden).float().logsumexp(-1).sum() + policy.values(hidden).sum()
+            middle = time.perf_counter()
+            loss.backward()
+            end = time.perf_counter()
+        finally:
+            policy.release_casts(owner)
+            for p in policy.parameters():
+                p.grad = None
+        fwd.append(middle - start)
+        bwd.append(end - middle)
+    return statistics.median(fwd[1:]), statistics.median(bwd[1:])
+
+class _Holder:
+    """What holds the casts (hold_casts keeps a weak reference to its owner)."""
+
 
 if __name__ == "__main__":
     main()
