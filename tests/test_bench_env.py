@@ -1,5 +1,6 @@
 """What the benchmarks record about the machine: which results file a CPU's figures go to, and whether anything
-else used the CPU while they were measured (benchmarks/bench.py)."""
+else used the CPU while they were measured (benchmarks/bench.py); and that a timing helper leaves the policy as it
+found it."""
 
 import os
 import sys
@@ -51,3 +52,21 @@ def test_cpu_isa_agrees_with_the_dtype_choice():
     from ppo_core.model import cpu_has_native_bf16
     assert bench.cpu_isa() in ("amx", "avx512-bf16", "avx512", "avx2", "")
     assert cpu_has_native_bf16() == (bench.cpu_isa() in ("amx", "avx512-bf16"))
+
+
+def test_forward_cost_times_a_tree_pass_with_backward_and_leaves_no_gradient_or_cast_hold():
+    import torch
+
+    from benchmarks.forward_cost import tree_pass_with_backward
+    from ppo_core import LoraSettings, PolicyModel
+    from ppo_core.testing import tiny_llama
+
+    policy = PolicyModel(tiny_llama(seed=0, vocab_size=1024), adapters=("agent",), lora=LoraSettings(r=4, alpha=8),
+                         compute_dtype=torch.bfloat16)
+    fwd, bwd = tree_pass_with_backward(policy, 12, n=2)
+    assert fwd > 0 and bwd > 0
+    assert all(p.grad is None for p in policy.parameters())
+    assert not policy._cast_holders
+    level = torch.autocast_increment_nesting()  # the hold's nesting level was given back
+    torch.autocast_decrement_nesting()
+    assert level == 1
