@@ -3,12 +3,13 @@ them off: the fixed part of a pass is why the prompt tree saves less time than t
 Then one frozen base product of the model (the first MLP up projection) by token count, forward and input gradient:
 from about a hundred tokens on it runs near this CPU's best rate; at one token it is bound by reading the weight. Last,
 what all of a 231-token pass's base products would take at that product's 231-token rate. Then one pass of the prompt
-tree as a rollout runs it (with grad, the LoRA weight casts held) and its backward, by token count, fitted to a fixed
-part per pass plus a part per token, and an episode's time by that fit for its passes and tokens (`--passes`,
-`--tokens`: the main job's per-episode means from ppo.jsonl, `ppo/backbone_passes` and `ppo/tokens_computed`).
+tree as a rollout runs it (with grad, the LoRA weight casts held) and its backward, by token count, each fitted to a
+fixed part per pass plus a part per token, and an episode's sampling calls priced by the forward's fit for its passes
+and tokens (`--passes`, `--tokens`: the main job's per-episode means from ppo.jsonl, `ppo/backbone_passes` and
+`ppo/tokens_computed`).
 
     python -m benchmarks.forward_cost                (medians of 5 after one warm-up; the job's default dtype)
-    python -m benchmarks.forward_cost --passes 4.0 --tokens 522
+    python -m benchmarks.forward_cost --passes 4.2 --tokens 545
     python -m benchmarks.forward_cost --dtype bf16   (another compute dtype, e.g. bf16 on a CPU without bf16
                                                       instructions: the forward's layout, x @ W.T, against the input
                                                       gradient's, grad @ W, shows why emulated bf16 is so slow)
@@ -30,8 +31,8 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="compute dtype (default: the job's on this machine)")
-    p.add_argument("--passes", type=float, default=4.0, help="backbone passes per episode (default 4.0)")
-    p.add_argument("--tokens", type=float, default=522.0, help="tokens through the backbone per episode (default 522)")
+    p.add_argument("--passes", type=float, default=4.2, help="backbone passes per episode (default 4.2)")
+    p.add_argument("--tokens", type=float, default=545.0, help="tokens through the backbone per episode (default 545)")
     args = p.parse_args(argv)
     config = RunConfig(episodes=1, dtype=args.dtype).resolve()
     policy, _ = load_agent_model(config, init_seed=0)
@@ -68,17 +69,25 @@ def main(argv=None) -> None:
 
     print("\none prompt-tree pass as a rollout runs it (grad, LoRA casts held) and its backward")
     print(f"{'tokens':>6} {'forward s':>9} {'backward s':>10}")
-    sizes, costs = (1, 21, 110, 231, 443), []
+    sizes, forward, backward = (1, 21, 110, 231, 443), [], []
     for length in sizes:
         fwd, bwd = tree_pass_with_backward(policy, length)
-        costs.append(fwd + bwd)
+        forward.append(fwd)
+        backward.append(bwd)
         print(f"{length:>6} {fwd:9.3f} {bwd:10.3f}")
-    n, mean_n, mean_c = len(sizes), sum(sizes) / len(sizes), sum(costs) / len(costs)
-    per_token = sum((x - mean_n) * (c - mean_c) for x, c in zip(sizes, costs)) / sum((x - mean_n) ** 2 for x in sizes)
-    fixed = mean_c - per_token * mean_n
-    print(f"least-squares fit: {fixed:.3f} s per pass + {per_token * 1e3:.2f} ms per token (forward and backward)")
-    print(f"an episode of {args.passes:g} passes and {args.tokens:g} tokens: {args.passes * fixed:.2f} s fixed + "
-          f"{args.tokens * per_token:.2f} s for its tokens = {args.passes * fixed + args.tokens * per_token:.2f} s")
+    fixed, per_token = line_fit(sizes, forward)
+    print(f"forward, least squares: {fixed:.3f} s per pass + {per_token * 1e3:.2f} ms per token; an episode's sampling "
+          f"calls ({args.passes:g} passes, {args.tokens:g} tokens) {args.passes * fixed + args.tokens * per_token:.2f} s")
+    fixed, per_token = line_fit(sizes, backward)
+    print(f"backward of one pass alone: {fixed:.3f} s + {per_token * 1e3:.2f} ms per token (the update's one backward "
+          f"through all of an episode's passes costs less per pass and more per token: see the README's speed section)")
+
+
+def line_fit(xs, ys) -> tuple[float, float]:
+    """Least-squares intercept and slope of ys against xs."""
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return mean_y - slope * mean_x, slope
 
 
 def tree_pass_with_backward(policy, length: int, n: int = 5) -> tuple[float, float]:
