@@ -17,6 +17,8 @@ and tokens (`--passes`, `--tokens`: the main job's per-episode means from ppo.js
 
 from __future__ import annotations
 
+import statistics
+import time
 
 import torch
 
@@ -93,9 +95,6 @@ def line_fit(xs, ys) -> tuple[float, float]:
 def tree_pass_with_backward(policy, length: int, n: int = 5) -> tuple[float, float]:
     """Median seconds of one packed pass of `length` new tokens with grad (LoRA casts held, as in a rollout), the
     LM and value heads at its last token, and the backward of their sum."""
-    import statistics
-    import time
-
     from ppo_core.tree import PromptTree
 
     owner = _Holder()
@@ -121,6 +120,7 @@ def tree_pass_with_backward(policy, length: int, n: int = 5) -> tuple[float, flo
         fwd.append(middle - start)
         bwd.append(end - middle)
     return statistics.median(fwd[1:]), statistics.median(bwd[1:])
+
 
 class _Holder:
     """What holds the casts (hold_casts keeps a weak reference to its owner)."""

@@ -363,9 +363,8 @@ class PolicyModel(nn.Module):
         """Window of the model's sliding-window layers (they get a mask of their own), None without such layers.
         A config with a window and no layer types (Mistral, Phi-3, Starcoder2) slides in every layer."""
         window = getattr(self.config.get_text_config(), "sliding_window", None)
-        if not window:
-            return None
-        return window if self._every_layer_slides or "sliding_attention" in self._layer_types else None
+        types = self._layer_types
+        return window if window and (types is None or "sliding_attention" in types) else None
 
     @property
     def _layer_types(self) -> list[str] | None:

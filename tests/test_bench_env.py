@@ -1,6 +1,6 @@
 """What the benchmarks record about the machine: which results file a CPU's figures go to, and whether anything
 else used the CPU while they were measured (benchmarks/bench.py); and that a timing helper leaves the policy as it
-found it."""
+found it, and that the probes' patches compute what the modules they replace compute."""
 
 import os
 import sys
@@ -70,3 +70,44 @@ def test_forward_cost_times_a_tree_pass_with_backward_and_leaves_no_gradient_or_
     level = torch.autocast_increment_nesting()  # the hold's nesting level was given back
     torch.autocast_decrement_nesting()
     assert level == 1
+
+
+def test_g1_probes_patches_compute_what_the_modules_compute():
+    """The two patches benchmarks.g1_probes times are the same function as the modules they replace (tiny Llama
+    with GQA, fp32, forward and LoRA gradients to 1e-5), so their timings compare like with like."""
+    import types
+
+    import torch
+    import transformers.models.llama.modeling_llama as llama
+
+    from benchmarks.g1_probes import _grouped_attention, _lora_node_forward
+    from ppo_core import LoraSettings, PolicyModel
+    from ppo_core.testing import tiny_llama
+
+    ids = torch.tensor([[3, 9, 4, 17, 5, 8, 21]])
+
+    def run(patch):
+        policy = PolicyModel(tiny_llama(seed=0, initializer_range=0.2), adapters=("agent",),
+                             lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+        policy.lm.config._attn_implementation = "eager"
+        torch.manual_seed(1)
+        for p in policy.trainable_parameters("agent"):
+            torch.nn.init.normal_(p, std=0.1)  # LoRA B starts at 0: make the branch count
+        eager = llama.eager_attention_forward
+        if patch == "lora-node":
+            for layer in policy._lora_layers:
+                layer.forward = types.MethodType(_lora_node_forward, layer)
+        elif patch == "gqa":
+            llama.eager_attention_forward = _grouped_attention
+        try:
+            hidden, _ = policy.hidden_states(ids)
+        finally:
+            llama.eager_attention_forward = eager
+        hidden.pow(2).sum().backward()
+        return hidden.detach(), [p.grad for p in policy.trainable_parameters("agent")[:-2]]
+
+    reference, reference_grads = run("none")
+    for patch in ("lora-node", "gqa"):
+        hidden, grads = run(patch)
+        assert torch.allclose(hidden, reference, atol=1e-5, rtol=1e-5), patch
+        assert all(torch.allclose(g, r, atol=1e-5, rtol=1e-5) for g, r in zip(grads, reference_grads)), patch
