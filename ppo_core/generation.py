@@ -120,11 +120,11 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
         raise ValueError("stop_at_eos=True needs eos_token_id")
     eos_list = []  # only stop_at_eos reads eos_token_id
     if stop_at_eos:
-        many = isinstance(eos_token_id, (list, tuple, set))
+        many = isinstance(eos_token_id, (list, tuple, set)) or getattr(eos_token_id, "ndim", 0) == 1
         eos_list = [_index(t) for t in (eos_token_id if many else [eos_token_id])]
         if not eos_list or any(t is None or not 0 <= t < vocab for t in eos_list):
             raise ValueError(f"eos_token_id={eos_token_id!r}: must be a token id in [0, {vocab}) for this model, "
-                             f"or a list of them")
+                             f"or a list or 1-D tensor of them")
     eos_ids = torch.tensor(eos_list, device=policy.device, dtype=torch.long)
     drafts = sorted({tuple(int(t) for t in d[:max_new_tokens - 1]) for d in draft or ()} - {()})
     if any(not 0 <= t < vocab for d in drafts for t in d):

@@ -295,13 +295,23 @@ def test_bad_queries_to_generate_raise_one_clear_value_error(queries, message):
 
 
 def test_generate_takes_numpy_and_tensor_integers_for_counts_and_eos():
+    """Greedy answers stop at their first token once it is an EOS id, however the ids are given (a 1-D tensor, as
+    transformers keeps them, used to be refused)."""
     import numpy as np
     _, trainer = make(PPOConfig(batch_size=2, mini_batch_size=2, ppo_epochs=1))
-    for eos in (np.int64(5), torch.tensor(5), (5, 6)):
-        rollout = trainer.generate([torch.tensor([5, 6])], max_new_tokens=np.int64(3), stop_at_eos=True,
-                                   eos_token_id=eos)
-        assert 1 <= len(rollout.responses[0]) <= 3
+    query = [torch.tensor([5, 6])]
+    greedy = trainer.generate(query, max_new_tokens=3, top_k=1).responses[0].tolist()
+    trainer.discard_rollouts()
+    first, other = greedy[0], (greedy[0] + 1) % 64
+    assert other not in greedy[:1]
+    for eos in (np.int64(first), torch.tensor(first), (other, first), torch.tensor([other, first]),
+                np.array([first])):
+        rollout = trainer.generate(query, max_new_tokens=np.int64(3), top_k=1, stop_at_eos=True, eos_token_id=eos)
+        assert rollout.responses[0].tolist() == [first], eos
         trainer.discard_rollouts()
+    rollout = trainer.generate(query, max_new_tokens=np.int64(3), top_k=1, stop_at_eos=True, eos_token_id=other)
+    assert rollout.responses[0].tolist() == greedy[:len(rollout.responses[0])]
+    trainer.discard_rollouts()
 
 
 def test_a_trainer_for_an_adapter_the_policy_lacks_says_which_it_has():
