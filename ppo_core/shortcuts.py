@@ -102,6 +102,7 @@ class Shortcuts:
         self._memo: dict = {}    # padded fallback: query -> first-token (logits, value), until the weights change
         self._fused: dict = {}   # (query, response) -> (its sampling Rollout with graph, row, length)
         self._kept_flags: tuple | None = None  # requires_grad of the trainable parameters the kept graphs saw
+        self._samples = 0  # samples in the rollout (tree, kept graphs, memo): at most a batch, see sample()
         self._tokens = self._passes = 0  # backbone tokens and forward passes since the last take_computed()
 
     @property
@@ -116,7 +117,13 @@ class Shortcuts:
     def sample(self, queries: list[torch.Tensor], **kwargs) -> Rollout:
         """generation.sample into the rollout's tree, keeping graphs (and one cast of the LoRA weights) when the
         step will be fused; out of memory: stop keeping graphs, then sample each half of the batch. Under
-        torch.inference_mode() no graph can be kept: the step recomputes its forward pass."""
+        torch.inference_mode() no graph can be kept: the step recomputes its forward pass.
+        A rollout holds at most config.batch_size samples, the batch a step takes: a call that would take it past
+        that starts a new one (so generate() in an evaluation loop without steps holds one batch's tree and graphs,
+        not all of them); a batch with samples of a dropped rollout recomputes its forward pass, as above."""
+        if self._samples and self._samples + len(queries) > self.config.batch_size:
+            self.discard()
+        self._samples += len(queries)
         keep = self.fusable and self.keep_graphs and not torch.is_inference_mode_enabled()
         if keep:
             self.policy.hold_casts(self)
@@ -259,6 +266,7 @@ class Shortcuts:
         self._memo.clear()
         self._fused.clear()
         self._kept_flags = None
+        self._samples = 0
         self.policy.release_casts(self)
 
     def _grad_flags(self) -> tuple:

@@ -97,6 +97,8 @@ class PPOTrainer:
                  draft: list[tuple[int, ...]] | None = None) -> Rollout:
         """Sample responses with this trainer's adapter, temperature and random stream (see generation.sample).
         The calls between two steps grow one prompt tree: a token an earlier call computed is not computed again.
+        That rollout holds at most config.batch_size samples (the batch a step takes): a call that would take it
+        past them starts a new one, so calls without steps (an evaluation loop) hold one batch's tree and graphs.
         draft: likely answer starts, computed with the queries so that a multi-token answer that follows one
         needs a single pass (generation.sample). When the step will be fused (one optimiser step over the batch) the
         call keeps its graph for that step, under torch.no_grad() too (wrapping it there changes nothing); under

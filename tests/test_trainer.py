@@ -85,6 +85,34 @@ def test_fused_rollout_gives_the_same_update_as_recomputing():
         assert st_f[key] == pytest.approx(st_p[key], rel=1e-4, abs=1e-6)
 
 
+def test_generate_without_steps_holds_one_batch_of_rollout_and_steps_any_batch_exactly():
+    """generate() calls with no step between them (an evaluation loop) used to grow one prompt tree and keep every
+    call's graph until a step: on the embedded model, 4 prompts a call under torch.no_grad(), 22.6 GB after 40 calls,
+    then out of memory (1.1 GB flat with the bound). A rollout now holds at most a batch; a batch whose samples
+    span two rollouts recomputes its forward pass and makes the update of a trainer that never kept graphs
+    (bitwise: the same no-grad and training passes), and a batch within one rollout is still fused."""
+    cfg = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-3)
+    _, trainer = make(cfg)
+    queries = random_queries(12, seed=5)
+    responses = []
+    with torch.no_grad():
+        for call in range(6):
+            responses += trainer.generate(queries[2 * call:2 * call + 2], max_new_tokens=2).responses
+            held = trainer.shortcuts
+            assert len(held._fused) <= 4
+            assert len(held._tree) <= sum(len(q) + 2 for q in queries[max(0, 2 * call - 2):2 * call + 2])
+    scores = torch.randn(4, generator=torch.Generator().manual_seed(0)).tolist()
+    mixed = [2, 3, 10, 11]  # the fourth call's pair (dropped with its rollout) and the sixth's (kept)
+    _, plain = make(dataclasses.replace(cfg, fuse_rollout=False))
+    stats = [t.step([queries[i] for i in mixed], [responses[i] for i in mixed], scores) for t in (trainer, plain)]
+    assert stats[0]["ppo/fused_rollout"] == stats[1]["ppo/fused_rollout"] == 0.0
+    for a, b in zip(trainer.params, plain.params):
+        assert torch.equal(a, b)
+    rollout = [trainer.generate(queries[i:i + 2], max_new_tokens=2).responses for i in (0, 2)]
+    st = trainer.step(queries[:4], rollout[0] + rollout[1], scores)
+    assert st["ppo/fused_rollout"] == 1.0
+
+
 def test_reference_is_the_base_model_and_policy_moves_away():
     base_copy = tiny_llama(seed=0)
     policy, trainer = make(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-2))
