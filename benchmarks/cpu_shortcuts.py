@@ -5,7 +5,8 @@
 The first five parts took about 5 minutes together, draft about 1 minute, fused about 1.5 and products a few
 seconds (2-core EPYC).
 
-PART is attention, adam, accuracy, reference, switch, draft, fused or products (default: all, in this order).
+PART is attention, adam, accuracy, reference, switch, draft, fused, products or rollout (default: all, in this
+order; rollout needs about 6 GB).
 
 1. Attention of packed passes (`PolicyModel.EAGER_PAIRS_CPU`): one recorded main-job episode replayed with the size
    rule (eager attention up to 2^18 query-key pairs) and with SDPA for every pass, alternating, medians of 5; then
@@ -34,11 +35,16 @@ PART is attention, adam, accuracy, reference, switch, draft, fused or products (
 8. The frozen base's matrix products at the job's shapes (443 tokens, SmolLM2-135M's four weight shapes), fp32 vs
    dynamic int8 (`torch.ao.quantization.quantize_dynamic`, forward only, not exact) vs bf16, means of 20, in
    GFLOP/s: what a quantised CPU base could gain, and that fp32 already runs at this CPU's matrix rate.
+9. A rollout's memory in an evaluation loop: a fused trainer's `generate()` called 15 times with 4 new prompts each
+   (2 sampled tokens) under torch.no_grad() and no step, with the job's batch of 5 samples (a rollout holds at most
+   a batch) and with a batch of 10^6 (as every call's tree and graphs were kept until a step before that bound);
+   growth of the process's resident memory from the loop's start, and samples whose graphs are kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import statistics
 import tempfile
@@ -260,9 +266,34 @@ def base_products() -> None:
         print(f"  [443, {k}] x [{k}, {n}]  " + "  ".join(f"{r:6.1f}" for r in rates))
 
 
+def rollout_memory() -> None:
+    from moral.agent import load_agent_model
+    from moral.config import RunConfig
+    from ppo_core import PPOConfig, PPOTrainer
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+    policy, tokenizer = load_agent_model(RunConfig(episodes=1).resolve(), init_seed=0)
+    prompts = [torch.tensor(tokenizer.encode(f"Question {i}: what is {i} plus {7 * i}? Answer with one number, "
+                                             f"and explain your reasoning in detail.")) for i in range(120)]
+    print("generate() x 15 calls of 4 new prompts (2 tokens), torch.no_grad(), no step: resident memory growth")
+    for batch in (5, 10 ** 6):
+        trainer = PPOTrainer(PPOConfig(batch_size=batch, mini_batch_size=batch, ppo_epochs=1), policy, "agent")
+        start, t = rss_mb(), time.perf_counter()
+        with torch.no_grad():
+            for call in range(15):
+                trainer.generate(prompts[60 * (batch > 5) + 4 * call:][:4], max_new_tokens=2)
+        grown, kept = rss_mb() - start, len(trainer.shortcuts._fused)
+        print(f"  batch_size {batch:>7}: +{grown:6.0f} MB, graphs kept for {kept} samples, {time.perf_counter() - t:.1f} s")
+        trainer.discard_rollouts()
+        del trainer
+
+
 PARTS = {"attention": attention, "adam": adam, "accuracy": attention_accuracy, "reference": reference_switch,
          "switch": learner_switch, "draft": drafted_answers, "fused": kept_graphs,
-         "products": base_products}
+         "products": base_products, "rollout": rollout_memory}
 
 if __name__ == "__main__":
     import sys
