@@ -103,6 +103,7 @@ class Shortcuts:
         self._fused: dict = {}   # (query, response) -> (its sampling Rollout with graph, row, length)
         self._kept_flags: tuple | None = None  # requires_grad of the trainable parameters the kept graphs saw
         self._samples = 0  # samples in the rollout (tree, kept graphs, memo): at most a batch, see sample()
+        self._stamp: tuple | None = None  # the adapter's weights the rollout was computed with, see _check_weights
         self._tokens = self._passes = 0  # backbone tokens and forward passes since the last take_computed()
 
     @property
@@ -121,6 +122,7 @@ class Shortcuts:
         A rollout holds at most config.batch_size samples, the batch a step takes: a call that would take it past
         that starts a new one (so generate() in an evaluation loop without steps holds one batch's tree and graphs,
         not all of them); a batch with samples of a dropped rollout recomputes its forward pass, as above."""
+        self._check_weights()
         if self._samples and self._samples + len(queries) > self.config.batch_size:
             self.discard()
         self._samples += len(queries)
@@ -158,6 +160,7 @@ class Shortcuts:
     def rollout_values(self, queries, responses, R: int, full: bool) -> RolloutValues:
         """The old log-probs and values: the kept sampling graph when every sample has one, else a no-grad pass."""
         keys = [(tuple(q.tolist()), tuple(r.tolist())) for q, r in zip(queries, responses)]
+        self._check_weights()
         if self.fusable and self._kept_flags == self._grad_flags() and all(k in self._fused for k in keys):
             kept = [self._fused[k] for k in keys]
             graph = KeptGraph(*(_pad_rows([getattr(rollout, field)[i, :n] for rollout, i, n in kept], R)
@@ -254,8 +257,19 @@ class Shortcuts:
                     raise
 
     # ------------------------------------------------------------------------------------------- bookkeeping
+    def _check_weights(self) -> None:
+        """Drop the rollout when the adapter's weights changed since it was computed other than by step() (in place,
+        e.g. a caller's own optimiser or a loaded state dict, or replaced, e.g. by .to()): its tree, memo, kept
+        graphs and weight casts would serve the old weights. Version counters and storage only: no tensor is read."""
+        stamp = tuple((p.data_ptr(), p._version) for p in self.policy.trainable_parameters(self.adapter))
+        if self._stamp is not None and stamp != self._stamp:
+            self.discard()
+            self.policy.weights_changed()
+        self._stamp = stamp
+
     def weights_changed(self) -> None:
         """After an optimiser step: the tree's states, prefills and held weight casts are stale."""
+        self._stamp = None
         self._tree = None
         self._memo.clear()
         self.policy.weights_changed()

@@ -113,6 +113,51 @@ def test_generate_without_steps_holds_one_batch_of_rollout_and_steps_any_batch_e
     assert st["ppo/fused_rollout"] == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_changed_outside_step_drop_the_rollout(dtype):
+    """A caller's own change of the adapter's weights between generate() calls, or between generate() and step()
+    (its own optimiser, a loaded state dict), used to leave the rollout computed with the old weights: the next call
+    reused the tree's states (the same log-probs as before the change) and the step failed in the backward through
+    the kept graphs (autograd: "modified by an inplace operation"). Now the next call computes with the new weights
+    (its probe equals a fresh sample's: fp32, 1e-6;
+    bf16 rounding, 2e-2, against a change of 0.05 to 0.2), and the step makes the update of a trainer that never
+    kept graphs (bitwise: the same passes)."""
+    cfg = PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-3)
+    queries = random_queries(4, seed=2)
+
+    def nudged(policy):
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(9)
+            for p in policy.trainable_parameters("agent"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        return policy
+
+    policy = with_nonzero_lora(tiny_policy(0)).to(dtype)
+    trainer = PPOTrainer(dataclasses.replace(cfg, batch_size=8, mini_batch_size=8), policy, "agent")
+    before = trainer.generate(queries, max_new_tokens=1, probe_tokens=[5, 6]).probe_logprobs
+    after = trainer.generate(queries[:1], max_new_tokens=1, probe_tokens=[5, 6]).probe_logprobs
+    assert torch.equal(after, before[:1])  # same weights: the tree's states serve
+    nudged(policy)
+    after = trainer.generate(queries[:1], max_new_tokens=1, probe_tokens=[5, 6]).probe_logprobs
+    with torch.inference_mode():
+        fresh = sample(policy, queries[:1], max_new_tokens=1, probe_tokens=[5, 6]).probe_logprobs
+    assert (fresh - before[:1]).abs().max() > 0.05
+    assert torch.allclose(after, fresh, rtol=0, atol=1e-6 if dtype == torch.float32 else 2e-2)
+
+    scores = [0.5, -1.0, 2.0, 0.0]
+    updated = []
+    for fuse in (True, False):
+        policy = with_nonzero_lora(tiny_policy(0)).to(dtype)
+        trainer = PPOTrainer(dataclasses.replace(cfg, fuse_rollout=fuse), policy, "agent")
+        responses = trainer.generate(queries, max_new_tokens=2).responses if fuse else responses
+        nudged(policy)
+        st = trainer.step(queries, responses, scores)
+        assert st["ppo/fused_rollout"] == 0.0
+        updated.append(lora_params(policy))
+    for a, b in zip(*updated):
+        assert torch.equal(a, b)
+
+
 def test_reference_is_the_base_model_and_policy_moves_away():
     base_copy = tiny_llama(seed=0)
     policy, trainer = make(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=1, learning_rate=1e-2))
