@@ -45,6 +45,13 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1, "is not a positive integer")
 
 
+def seed_int(text: str) -> int:
+    value = _int_at_least(text, 0, "is not a seed: must be an integer in [0, 2^63)")
+    if value >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed: must be an integer in [0, 2^63)")
+    return value
+
+
 def _int_at_least(text: str, minimum: int, says: str) -> int:
     try:
         value = int(text)
@@ -116,7 +123,7 @@ def train_parser(prog: str = PROG, parser_class=OneLineParser) -> argparse.Argum
     p.add_argument("--batch-size", dest="steps", type=positive_int,
                    help="steps per episode = PPO batch per game (default 5; 3 vs llm)")
     p.add_argument("--parallel-games", type=positive_int, help="independent games per episode (default 1)")
-    p.add_argument("--seed", type=int, help="seed of every random stream (default 0)")
+    p.add_argument("--seed", type=seed_int, help="seed of every random stream (default 0)")
     p.add_argument("--lr", type=finite_float, help="learning rate (default 1.41e-5)")
     p.add_argument("--lora-rank", type=positive_int, help="LoRA rank (default 64)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, metavar="Q",
@@ -249,7 +256,7 @@ def eval_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="skip the value-prompted reference baselines")
     p.add_argument("--followup", action="store_true", help="ask the follow-up questions after each IPD decision")
     p.add_argument("--followup-tokens", type=positive_int, default=100, help="answer length (default 100)")
-    p.add_argument("--seed", type=int, default=100)
+    p.add_argument("--seed", type=seed_int, default=100)
     p.add_argument("--checkpoint", help="evaluate this checkpoint folder instead of the run's final adapter")
     p.add_argument("--token-budget", type=positive_int, default=2048,
                    help="tokens of one packed forward pass (prompt-tree nodes; default 2048)")

@@ -156,6 +156,8 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise UsageError(f"--{name.replace('_', '-')} {value!r}: must be a positive integer")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63:
+            raise UsageError(f"--seed {self.seed!r}: must be an integer in [0, 2^63)")
         schedule = "," in self.reward or ":" in self.reward
         try:
             phases = parse_schedule(self.reward, self.episodes if schedule else

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from moral import cli
-from moral.config import RunConfig
+from moral.config import RunConfig, UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,6 +94,21 @@ def test_a_batch_of_one_sample_is_one_line_before_the_model_loads(tmp_path, caps
     assert info.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "--batch-size 1: a PPO batch needs at least 2 samples" in err
     assert RunConfig(steps=1, parallel_games=2).resolve().derived.batch_size == 2
+
+
+@pytest.mark.parametrize("args", [["--seed", "-3"], ["eval", "RUN", "--seed", "-1"], ["--seed", str(2 ** 63)]])
+def test_a_negative_or_huge_seed_is_one_line(args, tmp_path, capsys):
+    """It was numpy's SeedSequence traceback ("expected non-negative integer", exit 1) for training, a line naming
+    no value for eval, and 2^63 started a run (seeds are int64 here; the model does not exist, so that a regression
+    fails at once)."""
+    training = [] if args[0] == "eval" else ["--model", str(tmp_path / "never-loaded"), "--out", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as info:
+        cli.main([a.replace("RUN", str(tmp_path)) for a in args] + training)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{args[-1]} is not a seed: must be an integer in [0, 2^63)" in err
+    with pytest.raises(UsageError, match=r"--seed -1: must be an integer in \[0, 2\^63\)"):
+        RunConfig(seed=-1).resolve()  # grids and the Python API
 
 
 @pytest.mark.parametrize("command", ["report", "sweep"])
