@@ -89,6 +89,8 @@ class PPOConfig:
         for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
             if getattr(self, name) < 1:
                 fail(name, "must be >= 1")
+        if not -2 ** 63 <= self.seed < 2 ** 64:
+            fail("seed", "must be in [-2^63, 2^64), as torch.Generator.manual_seed takes it")
         for name in ("adap_kl_ctrl", "use_score_scaling", "use_score_norm", "whiten_rewards", "early_stopping",
                      "fuse_rollout"):
             if not isinstance(getattr(self, name), bool):

@@ -33,6 +33,7 @@ def test_trl_defaults():
     ({"micro_batch_tokens": 0}, "micro_batch_tokens", ">= 1"),
     ({"temperature": 0}, "temperature", "> 0"),
     ({"early_stopping": "yes"}, "early_stopping", "True or False"),
+    ({"seed": 2 ** 64}, "seed", "[-2^63, 2^64)"),  # was torch's "Overflow when unpacking long long" in PPOTrainer
 ])
 def test_invalid_values_name_field_and_rule(changes, field, rule):
     with pytest.raises(ValueError) as err:
