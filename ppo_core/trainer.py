@@ -319,6 +319,8 @@ class PPOTrainer:
     def _check_inputs(self, queries, responses, scores):
         if not isinstance(queries, (list, tuple)) or not isinstance(responses, (list, tuple)):
             raise ValueError("queries and responses must be lists of 1-D token tensors")
+        if isinstance(scores, (str, bytes)) or not (torch.is_tensor(scores) or hasattr(scores, "__len__")):
+            raise ValueError(f"scores must be a list or tensor of one number per sample, got {scores!r}")
         if len(queries) != len(responses) or len(queries) != len(scores):
             raise ValueError(f"queries, responses and scores must have the same length, got "
                              f"{len(queries)}, {len(responses)} and {len(scores)}")

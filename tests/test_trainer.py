@@ -367,6 +367,29 @@ def test_bad_queries_to_generate_raise_one_clear_value_error(queries, message):
         trainer.generate([torch.tensor([5, 6])] if isinstance(queries, dict) else queries, **settings)
 
 
+@pytest.mark.parametrize("batch, message", [
+    ({"queries": "ab"}, "queries and responses must be lists of 1-D token tensors"),
+    ({"scores": None}, "scores must be a list or tensor of one number per sample, got None"),
+    ({"scores": "ab"}, "scores must be a list or tensor of one number per sample, got 'ab'"),
+    ({"scores": [1.0]}, "queries, responses and scores must have the same length, got 2, 2 and 1"),
+    ({"scores": [1.0, [2.0, 3.0]]}, r"sample 1 has score \[2.0, 3.0\]"),
+    ({"scores": torch.ones(2, 2)}, r"got a tensor of shape \(2, 2\) for 2 samples"),
+    ({"scores": [1.0, float("inf")]}, "scores must be finite; sample 1 has score inf"),
+    ({"responses": [torch.tensor([3]), torch.tensor([], dtype=torch.long)]}, "response 1 is empty"),
+    ({"responses": [torch.tensor([3.0]), torch.tensor([4])]}, "response 0 must be a 1-D integer tensor"),
+    ({"responses": [torch.tensor([3]), torch.tensor([64])]}, r"response 1 has token id 64: ids must be in \[0, 64\)"),
+    ({"n": 3}, "got a batch of 3 samples, config.batch_size is 2"),
+])
+def test_bad_batches_to_step_raise_one_clear_value_error(batch, message):
+    """Each names what is wrong (scores=None was a TypeError from len())."""
+    _, trainer = make(PPOConfig(batch_size=2, mini_batch_size=2, ppo_epochs=1))
+    n = batch.pop("n", 2)
+    args = {"queries": [torch.tensor([5, 6 + i]) for i in range(n)], "responses": [torch.tensor([3])] * n,
+            "scores": [1.0] * n, **batch}
+    with pytest.raises(ValueError, match=message):
+        trainer.step(args["queries"], args["responses"], args["scores"])
+
+
 def test_generate_takes_numpy_and_tensor_integers_for_counts_and_eos():
     """Greedy answers stop at their first token once it is an EOS id, however the ids are given (a 1-D tensor, as
     transformers keeps them, used to be refused)."""
