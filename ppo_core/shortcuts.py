@@ -34,6 +34,16 @@ class ReferenceCache:
         self.entries: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
         self._bytes = 0
+        self.temperature: float | None = None  # its rows are log-distributions at this temperature (see bind)
+
+    def bind(self, temperature: float) -> None:
+        """Tie the cache to the sampling temperature its rows are computed at: trainers at another temperature
+        cannot share it (their reference log-probs would silently be another temperature's)."""
+        if self.temperature is None:
+            self.temperature = temperature
+        elif temperature != self.temperature:
+            raise ValueError(f"this ReferenceCache holds log-distributions at temperature {self.temperature}; a "
+                             f"trainer at temperature {temperature} needs a cache of its own")
 
     def get(self, key: tuple[int, ...]) -> torch.Tensor | None:
         """The row cached for this token prefix (marked as recently used), or None."""
@@ -58,13 +68,17 @@ class ReferenceCache:
         """Keys, rows (on the host, least recently used first) and hit counts, for a checkpoint."""
         keys = list(self.entries)
         return {"keys": [list(k) for k in keys], "hits": self.hits, "misses": self.misses,
+                "temperature": self.temperature,
                 "rows": torch.stack([self.entries[k] for k in keys]).cpu() if keys else torch.empty(0)}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
-        """Restore what state_dict() returned, with the rows on `device`, in the same recency order."""
+        """Restore what state_dict() returned, with the rows on `device`, in the same recency order (no rows if
+        they were computed at another temperature than this cache's)."""
         self.entries.clear()
         self._bytes = 0
-        for key, row in zip(state["keys"], state["rows"]):
+        saved = state.get("temperature")
+        same = saved is None or self.temperature is None or saved == self.temperature
+        for key, row in zip(state["keys"], state["rows"]) if same else ():
             self.put(tuple(key), row.to(device))
         self.hits, self.misses = int(state["hits"]), int(state["misses"])
 
@@ -94,6 +108,7 @@ class Shortcuts:
                  reference_cache: ReferenceCache | None = None):
         self.policy, self.adapter, self.config, self.pad_token_id = policy, adapter, config, pad_token_id
         self.reference_cache = reference_cache or ReferenceCache(config.reference_cache_mb)
+        self.reference_cache.bind(config.temperature)
         self.pad_multiple = 8 if policy.device.type == "cuda" else 1
         self.chunk_tokens = config.micro_batch_tokens  # forward token budget; halved on out-of-memory
         self.keep_graphs = True  # False after an out-of-memory error while graphs were kept: recompute from then on

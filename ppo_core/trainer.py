@@ -74,6 +74,7 @@ class PPOTrainer:
 
     @reference_cache.setter
     def reference_cache(self, cache: ReferenceCache) -> None:  # learners on one base share one cache
+        cache.bind(self.config.temperature)
         self.shortcuts.reference_cache = cache
 
     @property

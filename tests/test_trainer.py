@@ -187,6 +187,37 @@ def test_reference_is_the_base_model_and_policy_moves_away():
     assert (pol_after.double() - expected).abs().max() > 1e-3
 
 
+def test_a_reference_cache_serves_one_temperature():
+    """Its rows are log-distributions at the trainer's temperature: a trainer at another temperature sharing it
+    read the first one's reference log-probs, silently. Now sharing is refused at once, naming both temperatures,
+    and a checkpoint's rows computed at another temperature are not loaded."""
+    from ppo_core import ReferenceCache
+    policy = tiny_policy(0)
+
+    def config(temperature):
+        return PPOConfig(batch_size=2, mini_batch_size=2, ppo_epochs=1, temperature=temperature)
+
+    hot, cool = PPOTrainer(config(1.0), policy, "agent"), PPOTrainer(config(0.7), policy, "agent")
+    message = "temperature 1.0; a trainer at temperature 0.7 needs a cache of its own"
+    with pytest.raises(ValueError, match=message):
+        PPOTrainer(config(0.7), policy, "agent", reference_cache=hot.reference_cache)
+    with pytest.raises(ValueError, match=message):
+        cool.reference_cache = hot.reference_cache
+    PPOTrainer(config(1.0), policy, "agent", reference_cache=hot.reference_cache)  # the same temperature shares
+    queries, responses, _ = fixed_batch(2)
+    ref_hot, _ = hot.reference_logprobs(queries, responses, 2)
+    ref_cool, _ = cool.reference_logprobs(queries, responses, 2)
+    assert (ref_hot - ref_cool).abs().max() > 1e-2  # what sharing served the cooler trainer
+    state = hot.reference_cache.state_dict()
+    assert len(state["keys"]) == 4
+    cool.reference_cache.load_state_dict(state, policy.device)
+    assert not cool.reference_cache.entries
+    same = ReferenceCache(64)
+    same.bind(1.0)
+    same.load_state_dict(state, policy.device)
+    assert len(same.entries) == 4
+
+
 def test_left_padding_changes_no_log_probs():
     policy = tiny_policy(0)
     with torch.no_grad():  # make the adapter non-trivial
