@@ -282,6 +282,12 @@ class PolicyModel(nn.Module):
                 layer._active_adapter = [name]
         self._active = name
 
+    @property
+    def active_view(self) -> str | None:
+        """The adapter the next forward pass computes with, or None inside reference() (every adapter off)."""
+        off = self._lora_layers[0]._disable_adapters if self._lora_layers else False
+        return None if off else self._active
+
     @contextlib.contextmanager
     def adapter(self, name: str):
         """``with policy.adapter(name):`` runs the block with adapter `name`, then restores the previous one."""

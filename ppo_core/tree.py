@@ -36,6 +36,7 @@ class PromptTree:
         self.cache = None
         self._hidden: list[torch.Tensor] = []           # [n_i, H] chunks, in node order
         self._hidden_cat: torch.Tensor | None = None
+        self._view: tuple | None = None  # (adapter or None for the reference) the computed nodes were computed with
 
     def __len__(self) -> int:
         return len(self.token)
@@ -87,6 +88,13 @@ class PromptTree:
         return done
 
     def _pass(self, lo: int, hi: int) -> None:
+        view = (self.policy.active_view,)
+        if self._view is not None and view != self._view:
+            def name(v):
+                return "the reference (adapters off)" if v[0] is None else f"adapter {v[0]!r}"
+            raise RuntimeError(f"this prompt tree was computed with {name(self._view)}; extending it with "
+                               f"{name(view)} would mix two policies' states: use one tree per adapter")
+        self._view = view
         device = self.policy.device
         ids = torch.tensor(self.token[lo:hi], device=device)[None]
         depth = np.asarray(self.depth[:hi])

@@ -486,3 +486,26 @@ def test_other_architectures_take_the_tree_and_match_separate_sequences(arch, at
                                  0)
 
     assert_tree_matches(tree_and_padded(make))
+
+
+def test_a_tree_is_extended_only_with_the_adapter_it_was_computed_with():
+    """A tree passed to sample() (or extended by hand) under another adapter, or under the reference, used to mix two
+    policies' states silently: the new nodes attended to keys and values of the other policy. Now that is one
+    RuntimeError naming both; the same adapter extends it, with the numbers of a fresh tree (fp32, 1e-5)."""
+    policy = with_nonzero_lora(tiny_policy(0, adapters=("agent", "opponent")))
+    first, second = random_queries(2, seed=4)
+    with torch.no_grad():
+        tree = PromptTree(policy)
+        with policy.adapter("agent"):
+            sample(policy, [first], max_new_tokens=1, tree=tree)
+        for context, says in ((policy.adapter("opponent"), "adapter 'opponent'"),
+                              (policy.reference(), "the reference")):
+            with context, pytest.raises(RuntimeError, match=f"computed with adapter 'agent'; extending it with {says}"):
+                sample(policy, [second], max_new_tokens=1, tree=tree)
+        with policy.adapter("agent"):
+            extended = sample(policy, [second], max_new_tokens=1, tree=tree, probe_tokens=[5, 6]).probe_logprobs
+            fresh = sample(policy, [second], max_new_tokens=1, tree=PromptTree(policy), probe_tokens=[5, 6])
+        assert torch.allclose(extended, fresh.probe_logprobs, rtol=0, atol=1e-5)
+        with policy.adapter("opponent"):
+            other = sample(policy, [second], max_new_tokens=1, probe_tokens=[5, 6]).probe_logprobs
+        assert (other - extended).abs().max() > 1e-3  # what the mixed tree would have served in part
