@@ -152,8 +152,14 @@ class PolicyModel(nn.Module):
         super().__init__()
         from peft import PeftModel, get_peft_model
 
+        if isinstance(adapters, str):
+            adapters = (adapters,)  # one name, not its letters
         if not adapters or len(set(adapters)) != len(adapters):
             raise ValueError(f"adapters={adapters!r}: need one or more distinct names")
+        for name in adapters:
+            if not isinstance(name, str) or not name or "." in name or name in "lora_":
+                raise ValueError(f"adapter name {name!r}: must be a non-empty string without '.' and not part of "
+                                 f"'lora_' (peft's parameter names hold it between dots)")
         if isinstance(lm, PeftModel):
             raise ValueError(f"lm is already a peft model ({type(lm).__name__}, adapters "
                              f"{', '.join(getattr(lm, 'peft_config', {})) or 'none'}); PolicyModel adds its own: "

@@ -8,6 +8,7 @@ import torch
 
 from conftest import tiny_policy, with_nonzero_lora
 from ppo_core import LoraSettings, PolicyModel, compute_dtype_for, load_causal_lm, save_adapter
+from ppo_core.testing import tiny_llama
 
 
 def _dequantised_twin(m4):
@@ -359,3 +360,23 @@ def test_a_model_loaded_in_bf16_computes_in_bf16_by_default_and_keeps_the_prompt
     assert weights_compute_dtype(lm) == torch.bfloat16
     lm.config.quantization_config = {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"}
     assert weights_compute_dtype(lm) == torch.float32
+
+
+@pytest.mark.parametrize("adapters, message", [
+    ((), "need one or more distinct names"),
+    (("a1", "a1"), "need one or more distinct names"),
+    (("a.b",), "adapter name 'a.b': must be a non-empty string without '.'"),
+    (("",), "adapter name '': must be a non-empty string"),
+    ((3,), "adapter name 3: must be a non-empty string"),
+    (("agent", "ora"), "adapter name 'ora': .* not part of 'lora_'"),
+])
+def test_bad_adapter_names_are_one_value_error(adapters, message):
+    """They were peft's KeyError ('.', ''), a TypeError (3), or peft's warning that the adapter may be
+    reinitialised when loaded (a name inside 'lora_')."""
+    with pytest.raises(ValueError, match=message):
+        PolicyModel(tiny_llama(0), adapters=adapters)
+
+
+def test_one_adapter_name_as_a_string_is_one_adapter():
+    """adapters="agent" made five adapters, 'a', 'g', 'e', 'n' and 't'."""
+    assert PolicyModel(tiny_llama(0), adapters="agent", lora=LoraSettings(r=2)).adapter_names == ("agent",)
