@@ -61,7 +61,12 @@ def token_sequences(name: str, seqs, vocab_size: int) -> list[torch.Tensor]:
         raise ValueError(f"{name} sequences must come as a list of 1-D token tensors, got {type(seqs).__name__}")
     out = []
     for i, s in enumerate(seqs):
-        s = torch.as_tensor(s)
+        if isinstance(s, (str, bytes)):
+            raise ValueError(f"{name} {i} is text ({s[:40]!r}): give token ids (tokenize it first)")
+        try:
+            s = torch.as_tensor(s)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{name} {i} must be a 1-D integer tensor or a list of ints, got {s!r:.60}") from None
         if s.dim() != 1 or s.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"{name} {i} must be a 1-D integer tensor, got shape {tuple(s.shape)} and dtype {s.dtype}")
         if len(s) == 0:

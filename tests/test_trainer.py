@@ -381,6 +381,8 @@ def test_bad_inputs_raise_value_error(mutate, message):
     ([torch.tensor([-1, 6])], "query 0 has token id -1"),
     ([torch.tensor([5.0, 6.0])], "query 0 must be a 1-D integer tensor"),
     ([torch.tensor([[5, 6]])], r"query 0 must be a 1-D integer tensor, got shape \(1, 2\)"),
+    (["Hello there"], r"query 0 is text \('Hello there'\): give token ids \(tokenize it first\)"),
+    ([[5, "6"]], r"query 0 must be a 1-D integer tensor or a list of ints, got \[5, '6'\]"),
     ({"top_k": -1}, r"top_k=-1: must be >= 0"),
     ({"top_p": 0.0}, r"top_p=0.0: must be in \(0, 1\]"),
     ({"top_p": 1.5}, r"top_p=1.5: must be in \(0, 1\]"),
