@@ -98,7 +98,10 @@ def require_writable(folder: str, option: str | None = "--out") -> None:
 def require_run_folders(folders: list[str]) -> None:
     for run in folders:
         if not os.path.isfile(os.path.join(run, "config.json")):
-            usage_error(f"{run} is not a run folder (no config.json)")
+            inside = sorted(os.listdir(run)) if os.path.isdir(run) else []
+            runs = [f for f in inside if os.path.isfile(os.path.join(run, f, "config.json"))]
+            hint = f"; it holds run folders ({len(runs)}): give them, e.g. {os.path.join(run, '*')}" if runs else ""
+            usage_error(f"{run} is not a run folder (no config.json){hint}")
 
 
 # --------------------------------------------------------------------------------------------------------- train

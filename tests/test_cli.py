@@ -111,6 +111,21 @@ def test_a_negative_or_huge_seed_is_one_line(args, tmp_path, capsys):
         RunConfig(seed=-1).resolve()  # grids and the Python API
 
 
+@pytest.mark.parametrize("command", ["report", "eval"])
+def test_a_folder_of_run_folders_is_one_line_that_says_how_to_give_them(command, tmp_path, capsys):
+    """`report runs` (the folder that holds the runs) said only that runs is not a run folder."""
+    for name in ("deont-tft-seed0", "util-tft-seed0"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "config.json").write_text("{}")
+    (tmp_path / "runs" / "notes").mkdir()
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, str(tmp_path / "runs"), *(["--out", str(tmp_path / "report")] if command == "report" else [])])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert f"runs is not a run folder (no config.json); it holds run folders (2): give them, e.g. " \
+           f"{tmp_path / 'runs' / '*'}" in err
+
+
 @pytest.mark.parametrize("command", ["report", "sweep"])
 def test_an_out_folder_that_cannot_be_written_is_one_line(command, tmp_path, capsys):
     """As for run.py --out: one line naming the folder (exit 2), not an OSError traceback from makedirs."""
