@@ -181,15 +181,20 @@ class Clock:
             totals[key] += time.perf_counter() - t
 
 
-def median_s(fn, n: int = 5) -> float:
-    """Median wall time of `n` calls of `fn` on the CPU, after one warm-up call."""
+def wall_times_s(fn, n: int = 5) -> list[float]:
+    """Wall times of `n` calls of `fn` on the CPU, after one warm-up call."""
     fn()
     times = []
     for _ in range(n):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_s(fn, n: int = 5) -> float:
+    """Median wall time of `n` calls of `fn` on the CPU, after one warm-up call."""
+    return statistics.median(wall_times_s(fn, n))
 
 
 def med(values) -> float | None:

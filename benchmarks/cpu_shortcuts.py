@@ -38,7 +38,8 @@ order; rollout needs about 6 GB).
 9. A rollout's memory in an evaluation loop: a fused trainer's `generate()` called 15 times with 4 new prompts each
    (2 sampled tokens) under torch.no_grad() and no step, with the job's batch of 5 samples (a rollout holds at most
    a batch) and with a batch of 10^6 (as every call's tree and graphs were kept until a step before that bound);
-   growth of the process's resident memory from the loop's start, and samples whose graphs are kept.
+   growth of the process's resident memory from the loop's start, and samples whose graphs are kept. Then what the
+   check that the adapter's weights have not changed under a rollout costs each generate() and step() call.
 """
 
 from __future__ import annotations
@@ -289,6 +290,10 @@ def rollout_memory() -> None:
         print(f"  batch_size {batch:>7}: +{grown:6.0f} MB, graphs kept for {kept} samples, {time.perf_counter() - t:.1f} s")
         trainer.discard_rollouts()
         del trainer
+    shortcuts = PPOTrainer(PPOConfig(batch_size=5, mini_batch_size=5), policy, "agent").shortcuts
+    tensors = len(policy.trainable_parameters("agent"))
+    per_call = median_s(lambda: [shortcuts._check_weights() for _ in range(100)]) / 100
+    print(f"weights check (storage and version of {tensors} tensors): {per_call * 1e3:.3f} ms per call, median of 5")
 
 
 PARTS = {"attention": attention, "adam": adam, "accuracy": attention_accuracy, "reference": reference_switch,

@@ -148,6 +148,7 @@ def _grouped_attention(module, query, key, value, attention_mask, scaling, dropo
 
 
 def patched_replay(patch: str, n: int = 6) -> str:
+    from benchmarks.bench import wall_times_s
     from benchmarks.episode_profile import recorded_episode
 
     if patch == "gqa":
@@ -158,12 +159,7 @@ def patched_replay(patch: str, n: int = 6) -> str:
         if patch == "lora-node":
             for layer in run.policy._lora_layers:
                 layer.forward = types.MethodType(_lora_node_forward, layer)
-        replay()
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            replay()
-            times.append(time.perf_counter() - start)
+        times = wall_times_s(replay, n)
         run.logs.close()
     return f"patch {patch:9s}: replayed episode median {statistics.median(times):.3f} s (min {min(times):.3f})"
 

@@ -46,9 +46,12 @@ def positive_int(text: str) -> int:
 
 
 def seed_int(text: str) -> int:
-    value = _int_at_least(text, 0, "is not a seed: must be an integer in [0, 2^63)")
-    if value >= 2 ** 63:
-        raise argparse.ArgumentTypeError(f"{value} is not a seed: must be an integer in [0, 2^63)")
+    from .config import SEED_LIMIT, SEED_RULE
+
+    says = f"is not a seed: {SEED_RULE}"
+    value = _int_at_least(text, 0, says)
+    if value >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} {says}")
     return value
 
 

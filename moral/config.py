@@ -32,6 +32,10 @@ STREAMS = ("tokens", "ppo", "initial", "shuffle1", "shuffle2", "opponent")  # th
 EPISODES_EMBEDDED, EPISODES_PAPER = 300, 1000
 
 
+SEED_LIMIT = 2 ** 63
+SEED_RULE = "must be an integer in [0, 2^63)"  # every seed becomes an int64 somewhere
+
+
 class UsageError(ValueError):
     """Bad settings: the command line prints the message on one line and exits with code 2."""
 
@@ -156,8 +160,8 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise UsageError(f"--{name.replace('_', '-')} {value!r}: must be a positive integer")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63:
-            raise UsageError(f"--seed {self.seed!r}: must be an integer in [0, 2^63)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < SEED_LIMIT:
+            raise UsageError(f"--seed {self.seed!r}: {SEED_RULE}")
         schedule = "," in self.reward or ":" in self.reward
         try:
             phases = parse_schedule(self.reward, self.episodes if schedule else

@@ -385,7 +385,7 @@ class PolicyModel(nn.Module):
     @property
     def _every_layer_slides(self) -> bool:
         """A window and no layer types: the model gets one mask, the sliding one."""
-        return self._layer_types is None and bool(getattr(self.config.get_text_config(), "sliding_window", None))
+        return self._layer_types is None and self.sliding_window is not None
 
     def attention_mask_4d(self, visible: torch.Tensor, implementation: str | None = None) -> torch.Tensor:
         """[Q, K] bool (True = may attend) -> the [1, 1, Q, K] mask the attention `implementation` (default: the

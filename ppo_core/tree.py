@@ -36,7 +36,7 @@ class PromptTree:
         self.cache = None
         self._hidden: list[torch.Tensor] = []           # [n_i, H] chunks, in node order
         self._hidden_cat: torch.Tensor | None = None
-        self._view: tuple | None = None  # (adapter or None for the reference) the computed nodes were computed with
+        self._view = _UNSET  # the adapter (None: the reference) the computed nodes were computed with
 
     def __len__(self) -> int:
         return len(self.token)
@@ -88,12 +88,10 @@ class PromptTree:
         return done
 
     def _pass(self, lo: int, hi: int) -> None:
-        view = (self.policy.active_view,)
-        if self._view is not None and view != self._view:
-            def name(v):
-                return "the reference (adapters off)" if v[0] is None else f"adapter {v[0]!r}"
-            raise RuntimeError(f"this prompt tree was computed with {name(self._view)}; extending it with "
-                               f"{name(view)} would mix two policies' states: use one tree per adapter")
+        view = self.policy.active_view
+        if self._view is not _UNSET and view != self._view:
+            raise RuntimeError(f"this prompt tree was computed with {_view_name(self._view)}; extending it with "
+                               f"{_view_name(view)} would mix two policies' states: use one tree per adapter")
         self._view = view
         device = self.policy.device
         ids = torch.tensor(self.token[lo:hi], device=device)[None]
@@ -118,6 +116,13 @@ class PromptTree:
         if self._hidden_cat is None:
             self._hidden_cat = self._hidden[0] if len(self._hidden) == 1 else torch.cat(self._hidden)
         return self._hidden_cat[torch.as_tensor(list(nodes), device=self._hidden_cat.device, dtype=torch.long)]
+
+
+_UNSET = object()
+
+
+def _view_name(view: str | None) -> str:
+    return "the reference (adapters off)" if view is None else f"adapter {view!r}"
 
 
 def tree_size(sequences: list[tuple[int, ...]]) -> list[int]:
