@@ -51,7 +51,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
         lse = torch.logsumexp(z, dim=-1)
         out.append(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
     if not out:
-        return torch.zeros(logits.shape[:-1], device=logits.device)
+        return torch.zeros(logits.shape[:-1], device=logits.device, dtype=torch.float32)
     return torch.cat(out).reshape(logits.shape[:-1])
 
 

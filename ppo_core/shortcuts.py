@@ -236,13 +236,13 @@ class Shortcuts:
         index = sorted(rows)
         table = torch.stack([rows[key] for key in index])                              # [N, V]
         tokens = torch.stack([responses[i][j] for i, j in index]).to(table.device)     # [N]
-        ref_logprobs = torch.zeros(len(queries), R, device=table.device)
+        ref_logprobs = torch.zeros(len(queries), R, device=table.device, dtype=table.dtype)
         rows_i = torch.tensor([i for i, _ in index], device=table.device)
         rows_j = torch.tensor([j for _, j in index], device=table.device)
         ref_logprobs[rows_i, rows_j] = table.gather(1, tokens[:, None]).squeeze(1)
         ref_full = None
         if full:
-            ref_full = torch.zeros(len(queries), R, table.shape[-1], device=table.device)
+            ref_full = torch.zeros(len(queries), R, table.shape[-1], device=table.device, dtype=table.dtype)
             ref_full[rows_i, rows_j] = table
         return ref_logprobs, ref_full
 

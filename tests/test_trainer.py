@@ -355,6 +355,28 @@ def test_full_kl_penalty_runs_and_is_nonnegative():
     assert st["objective/kl"] >= 0 and st["ppo/fused_rollout"] == 0.0
 
 
+@pytest.mark.parametrize("kl_penalty", ["kl", "full"])
+def test_a_step_under_a_float64_default_dtype(kl_penalty):
+    """A caller's torch.set_default_dtype(torch.float64) (a float64 model, for a numerical check of its own) used to
+    fail in the reference pass: the reference log-probs were written into a tensor of the default dtype from the
+    cache's float32 rows ("Index put requires the source and destination dtypes match")."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        policy, trainer = make(PPOConfig(batch_size=4, mini_batch_size=4, ppo_epochs=2, kl_penalty=kl_penalty,
+                                         learning_rate=1e-2))
+        assert next(policy.parameters()).dtype == torch.float64
+        queries = random_queries(4)
+        before = lora_params(policy)
+        for _ in range(2):  # the second step reads the reference cache (one-token answers to the same queries)
+            rollout = trainer.generate(queries, max_new_tokens=1)
+            st = trainer.step(queries, rollout.responses, [1.0, -1.0, 0.5, 0.0])
+        assert st["ppo/ref_cache_hits"] > 0 and st["objective/kl"] >= 0
+        assert any(not torch.equal(a, b) for a, b in zip(before, lora_params(policy)))
+    finally:
+        torch.set_default_dtype(previous)
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda q, r, s: (q[:-1], r, s), "same length"),
     (lambda q, r, s: (q, r[:-1] + [torch.tensor([], dtype=torch.long)], s), "response 3 is empty"),
