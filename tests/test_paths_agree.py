@@ -8,9 +8,12 @@ sizes, epochs, the five KL estimators, score scaling, normalisation and clipping
 clipping, temperature, top-k, EOS stopping, token budgets, the reference cache on and off, one call per batch or one
 per sample, and queries that are identical, prefixes of one another or share a prefix.
 
-Tolerance (fp32): every statistic within 1e-4 relative + 1e-6 absolute (the largest differences seen over 220
-throwaway configurations were 4e-7 absolute, on losses near zero), the LoRA and value-head weights after two steps
-within 1e-3 of their largest magnitude (largest seen 1.5e-4). adam_eps is 1e-4: with PyTorch's 1e-8 Adam's first
+Tolerance (fp32): every statistic within 1e-4 relative or 1e-5 absolute, whichever is larger (a loss near zero is a
+mean of terms near one whose log-probs differ by rounding; the largest difference seen over 320 throwaway
+configurations, with longer queries and eager attention too, was 1.2e-6 on a policy loss of 0.0118), the LoRA and
+value-head weights after two steps within 1e-3 of their largest magnitude (largest seen 1.5e-4). The explained
+variance is left out where the returns' variance is below 1e-4: it divides by it (one throwaway batch had 1.4e-7,
+and -270,759 against -270,652). adam_eps is 1e-4: with PyTorch's 1e-8 Adam's first
 steps turn float32 rounding in gradients of ~1e-9 into whole steps of lr."""
 
 import dataclasses
@@ -97,7 +100,9 @@ def test_tree_fused_recomputed_padded_and_drafted_steps_agree(case):
             for key, value in stats.items():
                 if key.startswith("time/") or key in PATH_DEPENDENT:
                     continue
-                assert other[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, step, key)
+                if key == "ppo/val/var_explained" and stats["ppo/returns/var"] < 1e-4:
+                    continue  # 1 - Var(returns - values) / Var(returns): rounding over a variance near zero
+                assert other[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, step, key)
     assert stats["ppo/optimizer_steps"] >= 1
     for name, trainer in {**others, "drafted": drafted}.items():
         for a, b in zip(default.params, trainer.params):
