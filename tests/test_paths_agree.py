@@ -6,7 +6,8 @@ and answers drafted into the tree (`draft=`, which must also draw the same answe
 the hand-picked tests in test_trainer.py and test_tree.py pin one at a time: batch, micro-batch and accumulation
 sizes, epochs, the five KL estimators, score scaling, normalisation and clipping, reward whitening, gradient
 clipping, temperature, top-k, EOS stopping, token budgets, the reference cache on and off, one call per batch or one
-per sample, and queries that are identical, prefixes of one another or share a prefix.
+per sample, and queries that are identical, prefixes of one another or share a prefix; on the tiny Llama and on a
+tiny Gemma-2 (soft-capping, a 6-token sliding window that its queries of up to 20 tokens reach past).
 
 Tolerance (fp32): every statistic within 1e-4 relative or 1e-5 absolute, whichever is larger (a loss near zero is a
 mean of terms near one whose log-probs differ by rounding; the largest difference seen over 320 throwaway
@@ -23,7 +24,8 @@ import pytest
 import torch
 
 from conftest import random_queries, tiny_policy, with_nonzero_lora
-from ppo_core import PPOConfig, PPOTrainer
+from ppo_core import LoraSettings, PPOConfig, PPOTrainer, PolicyModel
+from test_tree import tiny_gemma2_config
 
 PATH_DEPENDENT = {"ppo/fused_rollout", "ppo/tokens_computed", "ppo/backbone_passes", "ppo/ref_cache_hits",
                   "ppo/ref_cache_misses"}
@@ -45,10 +47,10 @@ def random_config(rng: random.Random, seed: int) -> PPOConfig:
                      reference_cache_mb=rng.choice([64.0, 0.0]), adam_eps=1e-4, seed=seed)
 
 
-def related_queries(rng: random.Random, n: int, seed: int) -> list[torch.Tensor]:
+def related_queries(rng: random.Random, n: int, seed: int, max_len: int = 10) -> list[torch.Tensor]:
     """Random queries, some identical to an earlier one, some a prefix of one or sharing a prefix with one."""
     queries = []
-    for fresh in random_queries(n, seed, min_len=2, max_len=10):
+    for fresh in random_queries(n, seed, min_len=2, max_len=max_len):
         kind = rng.random()
         if queries and kind < 0.25:
             queries.append(rng.choice(queries).clone())
@@ -61,28 +63,37 @@ def related_queries(rng: random.Random, n: int, seed: int) -> list[torch.Tensor]
     return queries
 
 
-def trainer_for(config: PPOConfig, seed: int, prompt_tree: bool) -> PPOTrainer:
-    policy = with_nonzero_lora(tiny_policy(seed, initializer_range=0.2), seed)
+def trainer_for(config: PPOConfig, seed: int, prompt_tree: bool, arch: str) -> PPOTrainer:
+    if arch == "llama":
+        policy = tiny_policy(seed, initializer_range=0.2)
+    else:  # Gemma-2 with a 6-token window: sequences reach past it on its sliding layers
+        from transformers import Gemma2ForCausalLM
+        torch.manual_seed(seed)
+        lm = Gemma2ForCausalLM(tiny_gemma2_config(window=6)).eval()
+        policy = PolicyModel(lm, adapters=("agent",), lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    policy = with_nonzero_lora(policy, seed)
     policy.use_prompt_tree = prompt_tree
     return PPOTrainer(config, policy, "agent")
 
 
-@pytest.mark.parametrize("case", range(16))
-def test_tree_fused_recomputed_padded_and_drafted_steps_agree(case):
+@pytest.mark.parametrize("arch, case", [("llama", case) for case in range(16)] +
+                         [("gemma2", case) for case in range(16, 20)])
+def test_tree_fused_recomputed_padded_and_drafted_steps_agree(arch, case):
     rng = random.Random(case)
     config = random_config(rng, seed=case)
     calls = rng.choice([1, config.batch_size])
     sampling = dict(max_new_tokens=rng.choice([1, 2, 3]), top_k=rng.choice([0, 0, 5]),
                     stop_at_eos=rng.random() < 0.3, eos_token_id=rng.choice([2, [2, 7]]))
     unfused = dataclasses.replace(config, fuse_rollout=False)
-    default = trainer_for(config, case % 5, prompt_tree=True)
-    others = {"tree recomputed": trainer_for(unfused, case % 5, prompt_tree=True),
-              "padded": trainer_for(unfused, case % 5, prompt_tree=False)}
-    drafted = trainer_for(config, case % 5, prompt_tree=True)
+    default = trainer_for(config, case % 5, True, arch)
+    others = {"tree recomputed": trainer_for(unfused, case % 5, True, arch),
+              "padded": trainer_for(unfused, case % 5, False, arch)}
+    drafted = trainer_for(config, case % 5, True, arch)
     assert default.policy.tree_supported and not others["padded"].policy.tree_supported
     per_call = config.batch_size // calls
     for step in range(2):
-        queries = related_queries(rng, config.batch_size, seed=10 * case + step)
+        queries = related_queries(rng, config.batch_size, seed=10 * case + step,
+                                  max_len=10 if arch == "llama" else 20)
         drafts = [tuple(rng.randrange(3, 64) for _ in range(sampling["max_new_tokens"])) for _ in range(2)]
         responses, drafted_responses = [], []
         for c in range(calls):
