@@ -12,6 +12,7 @@ import csv
 import fcntl
 import io
 import json
+import math
 import os
 import shutil
 import socket
@@ -109,7 +110,10 @@ class RunLogs:
             self.tracker.log_episode(episode, shares)
 
     def _write_json(self, name: str, record: dict) -> None:
-        self.handles[name].write(json.dumps(record, sort_keys=True) + "\n")
+        """One strict-JSON line: a non-finite number (the explained variance of a batch whose returns are all
+        equal) is written as null, not as Python's NaN, which jq and JavaScript's JSON.parse refuse."""
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.handles[name].write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
 
     def sync(self) -> dict:
         """Flush and fsync every log; returns their byte sizes (a checkpoint records them)."""

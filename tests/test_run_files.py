@@ -101,6 +101,21 @@ def test_logs_reach_the_disk_after_every_episode_and_checkpoints_say_what_they_a
     assert RunConfig.from_dict(saved) == run.config and saved["derived"]["gen_len"] == 1
 
 
+
+def test_ppo_and_timing_logs_are_strict_json_lines(tmp_path):
+    """A non-finite statistic (ppo/val/var_explained is nan when a batch's returns are all equal, as they were in a
+    3-episode run of a tiny model) is written as null: Python's json writes NaN, which jq and JSON.parse refuse."""
+    from moral.runio import RunLogs
+    logs = RunLogs(str(tmp_path))
+    logs.write_ppo({"episode": 1, "learner": "agent"}, {"ppo/val/var_explained": float("nan"), "ppo/loss/total": 0.5,
+                                                         "objective/kl": float("inf"), "time/ppo/total": float("-inf")})
+    logs.close()
+    for name, expected in (("ppo.jsonl", {"ppo/val/var_explained": None, "ppo/loss/total": 0.5, "objective/kl": None}),
+                           ("timing.jsonl", {"time/ppo/total": None})):
+        text = (tmp_path / name).read_text()
+        record = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text!r}"))
+        assert record == {"episode": 1, "learner": "agent", **expected}
+
 def test_a_folder_lock_tells_held_from_a_file_system_that_cannot_lock(tmp_path, monkeypatch):
     """Every flock error used to read as "being written by <the last holder>": on a file system mounted without
     locks (ENOLCK) every run of a sweep failed so, naming a process that had long ended."""
