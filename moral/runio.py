@@ -39,9 +39,21 @@ def write_text_atomic(path: str, text: str) -> str:
     return path
 
 
+def strict_json(data):
+    """`data` with every non-finite float (a metric undefined for a run, e.g. a share of no decisions) as None:
+    json.dumps writes those as NaN or Infinity, which is not JSON (jq and JavaScript's JSON.parse refuse it)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, Mapping):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    return data
+
+
 def write_json_atomic(path: str, data, *, sort_keys: bool = True, default=str, trailing_newline: bool = False) -> str:
-    """`data` as indented JSON, atomically."""
-    text = json.dumps(data, indent=2, sort_keys=sort_keys, default=default)
+    """`data` as indented strict JSON (non-finite numbers as null), atomically."""
+    text = json.dumps(strict_json(data), indent=2, sort_keys=sort_keys, default=default, allow_nan=False)
     return write_text_atomic(path, text + ("\n" if trailing_newline else ""))
 
 
@@ -110,10 +122,9 @@ class RunLogs:
             self.tracker.log_episode(episode, shares)
 
     def _write_json(self, name: str, record: dict) -> None:
-        """One strict-JSON line: a non-finite number (the explained variance of a batch whose returns are all
-        equal) is written as null, not as Python's NaN, which jq and JavaScript's JSON.parse refuse."""
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        self.handles[name].write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+        """One strict-JSON line (strict_json: the explained variance of a batch whose returns are all equal is
+        nan, written as null)."""
+        self.handles[name].write(json.dumps(strict_json(record), sort_keys=True, allow_nan=False) + "\n")
 
     def sync(self) -> dict:
         """Flush and fsync every log; returns their byte sizes (a checkpoint records them)."""

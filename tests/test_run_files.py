@@ -102,7 +102,7 @@ def test_logs_reach_the_disk_after_every_episode_and_checkpoints_say_what_they_a
 
 
 
-def test_ppo_and_timing_logs_are_strict_json_lines(tmp_path):
+def test_logs_and_json_files_are_strict_json(tmp_path):
     """A non-finite statistic (ppo/val/var_explained is nan when a batch's returns are all equal, as they were in a
     3-episode run of a tiny model) is written as null: Python's json writes NaN, which jq and JSON.parse refuse."""
     from moral.runio import RunLogs
@@ -115,6 +115,13 @@ def test_ppo_and_timing_logs_are_strict_json_lines(tmp_path):
         text = (tmp_path / name).read_text()
         record = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text!r}"))
         assert record == {"episode": 1, "learner": "agent", **expected}
+    # the other JSON files (summary.json, eval/metrics.json, sweep.json): a metric undefined for a run is nan
+    from moral.runio import write_json_atomic
+    path = write_json_atomic(str(tmp_path / "metrics.json"), {"groups": [{"reciprocity": float("nan"), "n": 3}],
+                                                             "shares": (0.5, float("-inf")), "wall_s": 1.5})
+    text = Path(path).read_text()
+    assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text!r}")) == \
+        {"groups": [{"reciprocity": None, "n": 3}], "shares": [0.5, None], "wall_s": 1.5}
 
 def test_a_folder_lock_tells_held_from_a_file_system_that_cannot_lock(tmp_path, monkeypatch):
     """Every flock error used to read as "being written by <the last holder>": on a file system mounted without
