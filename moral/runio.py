@@ -53,7 +53,8 @@ def strict_json(data):
 
 def write_json_atomic(path: str, data, *, sort_keys: bool = True, default=str, trailing_newline: bool = False) -> str:
     """`data` as indented strict JSON (non-finite numbers as null), atomically."""
-    text = json.dumps(strict_json(data), indent=2, sort_keys=sort_keys, default=default, allow_nan=False)
+    text = json.dumps(strict_json(data), indent=2, sort_keys=sort_keys, allow_nan=False,
+                      default=None if default is None else lambda value: strict_json(default(value)))
     return write_text_atomic(path, text + ("\n" if trailing_newline else ""))
 
 

@@ -118,10 +118,11 @@ def test_logs_and_json_files_are_strict_json(tmp_path):
     # the other JSON files (summary.json, eval/metrics.json, sweep.json): a metric undefined for a run is nan
     from moral.runio import write_json_atomic
     path = write_json_atomic(str(tmp_path / "metrics.json"), {"groups": [{"reciprocity": float("nan"), "n": 3}],
-                                                             "shares": (0.5, float("-inf")), "wall_s": 1.5})
+                                                             "shares": (0.5, float("-inf")), "wall_s": 1.5,
+                                                             "dims": Path("x")}, default=lambda v: [float("nan")])
     text = Path(path).read_text()
     assert json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text!r}")) == \
-        {"groups": [{"reciprocity": None, "n": 3}], "shares": [0.5, None], "wall_s": 1.5}
+        {"groups": [{"reciprocity": None, "n": 3}], "shares": [0.5, None], "wall_s": 1.5, "dims": [None]}
 
 def test_a_folder_lock_tells_held_from_a_file_system_that_cannot_lock(tmp_path, monkeypatch):
     """Every flock error used to read as "being written by <the last holder>": on a file system mounted without
