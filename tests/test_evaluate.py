@@ -127,6 +127,37 @@ def test_an_eval_stopped_between_its_writes_leaves_no_metrics_json(trained_run, 
     assert not sweep.already_evaluated(str(trained_run), settings)
 
 
+
+@pytest.mark.parametrize("format_aid", ["prefix", "none"], ids=["one-token", "two-token"])
+def test_eval_answers_the_same_with_and_without_the_prompt_tree(format_aid, tmp_path, tiny_chat_model_dir,
+                                                               monkeypatch):
+    """Evaluation packs each step's prompts (fine-tuned, reference and value-prompted baselines) into prompt trees;
+    padded sequences must give the same decisions: the same answers and actions, p_c and p_d to 1e-4 relative
+    (fp32), in fewer tokens through the backbone."""
+    from moral import evaluate
+    from ppo_core import PolicyModel
+    run = tmp_path / "run"
+    cli.main(["--reward", "deont", "--opponent", "tft", "--model", tiny_chat_model_dir, "--episodes", "1",
+              "--lora-rank", "4", "--format-aid", format_aid, "--dtype", "fp32", "--out", str(run), "--no-progress"])
+    cfg = EvalConfig(episodes=2, steps=2, games=("IPD", "ICN"), orders=("original",),
+                     variants=("structured", "unstructured"))
+
+    def decisions():
+        metrics = evaluate.evaluate(str(run), cfg, progress=False)
+        with open(run / "eval" / "decisions.csv", newline="") as f:
+            return list(csv.DictReader(f)), metrics["backbone_tokens"]
+
+    tree_rows, tree_tokens = decisions()
+    monkeypatch.setattr(PolicyModel, "tree_supported", property(lambda self: False))
+    padded_rows, padded_tokens = decisions()
+    assert len(tree_rows) == len(padded_rows) > 0 and tree_tokens < padded_tokens
+    for a, b in zip(tree_rows, padded_rows):
+        for key in a:
+            if key in ("p_c", "p_d") and a[key]:
+                assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4), key
+            else:
+                assert a[key] == b[key], key
+
 def test_eval_bad_input(tmp_path, capsys):
     for argv, message in ((["eval", str(tmp_path)], "not a run folder"),
                           (["eval", str(tmp_path), "--games", "XYZ"], "unknown game 'XYZ'"),
