@@ -38,6 +38,18 @@ def tiny_model_dir(tmp_path):
     return str(path)
 
 
+def assert_same_decisions(rows: list[dict], other: list[dict]) -> None:
+    """Decision rows (games.csv, eval/decisions.csv) alike: every column equal but the probabilities p_c and p_d,
+    equal to 1e-4 relative (two computations of one fp32 model)."""
+    assert len(rows) == len(other) > 0
+    for a, b in zip(rows, other):
+        for key in a:
+            if key in ("p_c", "p_d") and a[key]:
+                assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4), key
+            else:
+                assert a[key] == b[key], key
+
+
 def random_queries(n: int, seed: int = 0, vocab_size: int = 64, min_len: int = 3, max_len: int = 9):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (n,), generator=g).tolist()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_same_decisions
 from moral import cli
 from games import ACTION_TYPES
 
@@ -122,13 +123,7 @@ def test_the_loop_plays_and_learns_the_same_with_and_without_the_prompt_tree(arg
     tree_rows, tree_ppo = run(tmp_path / "tree")
     monkeypatch.setattr(PolicyModel, "tree_supported", property(lambda self: False))
     padded_rows, padded_ppo = run(tmp_path / "padded")
-    assert len(tree_rows) == len(padded_rows) > 0
-    for a, b in zip(tree_rows, padded_rows):
-        for key in a:
-            if key in ("p_c", "p_d") and a[key]:
-                assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4), key
-            else:
-                assert a[key] == b[key], key
+    assert_same_decisions(tree_rows, padded_rows)
     assert len(tree_ppo) == len(padded_ppo) == (6 if "llm" in argv else 3)
     for a, b in zip(tree_ppo, padded_ppo):
         assert a["ppo/tokens_computed"] < b["ppo/tokens_computed"]
