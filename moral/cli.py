@@ -158,7 +158,7 @@ def train_parser(prog: str = PROG, parser_class=OneLineParser) -> argparse.Argum
     p.add_argument("--dtype", choices=DTYPE_NAMES, metavar="DTYPE",
                    help="compute dtype: fp32, bf16, fp16 (default: bf16 on GPUs that support it and on CPUs with "
                         "native bf16 instructions, fp16 on V100, fp32 otherwise)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary lines still print)")
     return p
 
 
@@ -246,7 +246,7 @@ def train(argv: list[str], prog: str = PROG) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- eval
 def eval_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    from games import TABLE_ORDERS, TEST_GAMES, TOKEN_SETS
+    from games import GAMES, TABLE_ORDERS, TEST_GAMES, TOKEN_SETS
 
     from .evaluate import VARIANTS
 
@@ -254,21 +254,24 @@ def eval_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_FOLDER")
     p.add_argument("--episodes", type=positive_int, default=10, help="test episodes per game (default 10)")
     p.add_argument("--steps", type=positive_int, default=5, help="steps per test episode (default 5)")
-    p.add_argument("--games", nargs="+", default=list(TEST_GAMES), metavar="GAME", help=" ".join(TEST_GAMES))
+    p.add_argument("--games", nargs="+", default=list(TEST_GAMES), metavar="GAME",
+                   help=f"any of {', '.join(GAMES)} (default {' '.join(TEST_GAMES)}, the paper's five)")
     p.add_argument("--tokens", nargs="+", default=["action34"], metavar="SET",
                    help=f"one or more of {', '.join(TOKEN_SETS)}, or two strings C,D (default action34)")
-    p.add_argument("--orders", nargs="+", default=list(TABLE_ORDERS), choices=TABLE_ORDERS, metavar="ORDER")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="VARIANT")
+    p.add_argument("--orders", nargs="+", default=list(TABLE_ORDERS), choices=TABLE_ORDERS, metavar="ORDER",
+                   help=f"payoff-table orders: {', '.join(TABLE_ORDERS)} (default all)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="VARIANT",
+                   help=f"prompt variants: {', '.join(VARIANTS)} (default all)")
     p.add_argument("--no-baselines", action="store_true", help="skip the value-prompted reference baselines")
     p.add_argument("--followup", action="store_true", help="ask the follow-up questions after each IPD decision")
     p.add_argument("--followup-tokens", type=positive_int, default=100, help="answer length (default 100)")
-    p.add_argument("--seed", type=seed_int, default=100)
+    p.add_argument("--seed", type=seed_int, default=100, help="seed of the test games and answers (default 100)")
     p.add_argument("--checkpoint", help="evaluate this checkpoint folder instead of the run's final adapter")
     p.add_argument("--token-budget", type=positive_int, default=2048,
                    help="tokens of one packed forward pass (prompt-tree nodes; default 2048)")
-    p.add_argument("--device")
-    p.add_argument("--threads", type=positive_int)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the run's)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_options(p, "evaluation")
     return p
 
