@@ -340,9 +340,9 @@ def print_regret(groups: list[dict]) -> None:
 # -------------------------------------------------------------------------------------------------------- report
 def report_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = OneLineParser(prog=f"{prog} report", description="Tables and figures across run folders, or of a sweep "
-                                                         "folder (grouped by condition, 95%% intervals over seeds).")
+                                                         "folder (grouped by condition, 95% intervals over seeds).")
     p.add_argument("runs", nargs="+", metavar="RUN_FOLDER|SWEEP_DIR")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the tables (.md, .csv) and figures (.png)")
     p.add_argument("--tokens", metavar="SET", help="token set of the evaluation tables (default action34 if present)")
     return p
 

@@ -210,3 +210,14 @@ def test_the_gguf_readers_own_progress_bar_is_off_while_the_embedded_model_conve
     for _ in reader.tqdm(range(3), desc="Converting GGUF"):  # restored afterwards
         pass
     assert "Converting GGUF" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make", [cli.train_parser, cli.eval_parser, cli.report_parser, cli.sweep_parser],
+                         ids=["train", "eval", "report", "sweep"])
+def test_every_option_of_every_command_says_what_it_takes(make):
+    """--help lists each option with a line of help (eval's --orders, --variants, --seed, --device and --threads had
+    none), and descriptions print as written (report's said "95%%")."""
+    parser = make()
+    bare = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not bare
+    assert "%%" not in parser.format_help()
