@@ -42,16 +42,25 @@ def answer_probabilities(policy, tokenizer, tokens, format_aid: str) -> dict:
     return totals
 
 
+def parser() -> OneLineParser:
+    from games import TOKEN_SETS
+
+    from .embedded import EMBEDDED_MODEL
+
+    p = OneLineParser(prog="python -m moral.diagnostics", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=EMBEDDED_MODEL,
+                   help=f"Hugging Face id or folder (default: the embedded {EMBEDDED_MODEL})")
+    p.add_argument("--tokens", default="action12", metavar="SET",
+                   help=f"action strings: {', '.join(TOKEN_SETS)}, or two strings C,D (default action12)")
+    return p
+
+
 def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
     from ppo_core import LoraSettings, PolicyModel, load_causal_lm
 
-    from .embedded import EMBEDDED_MODEL
-
-    p = OneLineParser(prog="python -m moral.diagnostics", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=EMBEDDED_MODEL)
-    p.add_argument("--tokens", default="action12")
+    p = parser()
     args = p.parse_args(argv)
     try:
         tokens = get_tokens(args.tokens)

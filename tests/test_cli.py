@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moral import cli
+from moral import cli, diagnostics
 from moral.config import RunConfig, UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,8 +212,8 @@ def test_the_gguf_readers_own_progress_bar_is_off_while_the_embedded_model_conve
     assert "Converting GGUF" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("make", [cli.train_parser, cli.eval_parser, cli.report_parser, cli.sweep_parser],
-                         ids=["train", "eval", "report", "sweep"])
+@pytest.mark.parametrize("make", [cli.train_parser, cli.eval_parser, cli.report_parser, cli.sweep_parser,
+                                  diagnostics.parser], ids=["train", "eval", "report", "sweep", "diagnostics"])
 def test_every_option_of_every_command_says_what_it_takes(make):
     """--help lists each option with a line of help (eval's --orders, --variants, --seed, --device and --threads had
     none), and descriptions print as written (report's said "95%%")."""
