@@ -5,10 +5,10 @@ update (the default), the prompt tree recomputed (`fuse_rollout=False`), padded 
 and answers drafted into the tree (`draft=`, which must also draw the same answers). The configurations cover what
 the hand-picked tests in test_trainer.py and test_tree.py pin one at a time: batch, micro-batch and accumulation
 sizes, epochs, the five KL estimators, score scaling, normalisation and clipping, reward whitening, gradient
-clipping, early stopping on the policy KL and skipped steps (ratio threshold; both fire here, the closest value 1.5e-3 from its
-threshold), temperature, top-k, EOS stopping, token budgets, the reference cache on and off, one call per batch or one
-per sample, and queries that are identical, prefixes of one another or share a prefix; on the tiny Llama and on a
-tiny Gemma-2 (soft-capping, a 6-token sliding window that its queries of up to 20 tokens reach past).
+clipping, early stopping on the policy KL and skipped steps (ratio threshold; both fire here, the closest value
+1.5e-3 from its threshold), temperature, top-k, EOS stopping, token budgets, the reference cache on and off, one call
+per batch or one per sample, and queries that are identical, prefixes of one another or share a prefix; on the tiny
+Llama and on a tiny Gemma-2 (soft-capping, a 6-token sliding window that its queries of up to 20 tokens reach past).
 
 Tolerance (fp32): every statistic within 1e-4 relative or 1e-5 absolute, whichever is larger (a loss near zero is a
 mean of terms near one whose log-probs differ by rounding). In these 20 cases the largest relative difference above
