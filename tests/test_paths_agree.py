@@ -122,3 +122,44 @@ def test_tree_fused_recomputed_padded_and_drafted_steps_agree(arch, case):
     for name, trainer in {**others, "drafted": drafted}.items():
         for a, b in zip(default.params, trainer.params):
             assert float((a - b).detach().abs().max()) <= 1e-3 * float(a.detach().abs().max()), name
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_two_learners_on_one_base_are_two_separate_policies_bit_for_bit(case):
+    """Two adapters on one frozen base, their calls interleaved one sample at a time as two players' are (each
+    trainer switching adapters, the prompt tree and kept graphs per trainer, a shared reference cache in half the
+    cases), make the same draws and updates, bit for bit, as two policies with a base of their own (30 throwaway
+    configurations agreed the same way)."""
+    rng = random.Random(100 + case)
+    config = random_config(rng, seed=case)
+    configs = {"agent": config, "opponent": dataclasses.replace(config, seed=case + 1)}
+    sampling = dict(max_new_tokens=rng.choice([1, 2, 3]), top_k=rng.choice([0, 0, 5]))
+    shared = with_nonzero_lora(tiny_policy(case % 3, adapters=("agent", "opponent"), initializer_range=0.2), case)
+    on_one_base = {name: PPOTrainer(configs[name], shared, name) for name in configs}
+    if case % 2:
+        on_one_base["opponent"].reference_cache = on_one_base["agent"].reference_cache
+    separate = {}
+    for name in configs:
+        own = tiny_policy(case % 3, adapters=(name,), initializer_range=0.2)
+        with torch.no_grad():
+            for mine, theirs in zip(own.trainable_parameters(name), shared.trainable_parameters(name)):
+                mine.copy_(theirs)
+        separate[name] = PPOTrainer(configs[name], own, name)
+    for step in range(3):
+        queries = {name: related_queries(rng, config.batch_size, seed=100 * case + 10 * step + i)
+                   for i, name in enumerate(configs)}
+        scores = {name: [rng.gauss(0, 1) for _ in range(config.batch_size)] for name in configs}
+        responses = {(way, name): [] for way in ("one base", "separate") for name in configs}
+        for i in range(config.batch_size):
+            for name in configs:
+                for way, trainers in (("one base", on_one_base), ("separate", separate)):
+                    responses[way, name] += trainers[name].generate(queries[name][i:i + 1], **sampling).responses
+        for name in configs:
+            assert all(torch.equal(a, b) for a, b in zip(responses["one base", name], responses["separate", name]))
+            stats = [trainers[name].step(queries[name], responses[way, name], scores[name])
+                     for way, trainers in (("one base", on_one_base), ("separate", separate))]
+            same = [{k: v for k, v in st.items() if not k.startswith("time/") and k not in PATH_DEPENDENT}
+                    for st in stats]  # a shared cache counts both learners' hits
+            assert same[0] == pytest.approx(same[1], rel=0, abs=0, nan_ok=True)
+    for name in configs:
+        assert all(torch.equal(a, b) for a, b in zip(on_one_base[name].params, separate[name].params))
