@@ -221,3 +221,12 @@ def test_every_option_of_every_command_says_what_it_takes(make):
     bare = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
     assert not bare
     assert "%%" not in parser.format_help()
+
+
+def test_windows_gets_one_line_instead_of_a_traceback(monkeypatch, capsys):
+    """moral.runio imports fcntl (flock), which Windows lacks: the program said so with an ImportError traceback."""
+    monkeypatch.setattr(sys, "platform", "win32")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--reward", "deont"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and "WSL2" in err
