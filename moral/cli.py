@@ -458,8 +458,8 @@ COMMANDS = {"train": train, "eval": evaluate, "report": report, "sweep": sweep}
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """Dispatch to a subcommand; anything that is not a subcommand's name is `train`'s arguments."""
     if sys.platform == "win32":  # moral.runio locks run folders with flock(2), which Windows lacks
-        sys.stderr.write("error: this program runs on Linux and macOS (it locks run folders with flock); on Windows "
-                         "run it under WSL2, the Windows Subsystem for Linux\n")
+        sys.stderr.write("error: this program needs a POSIX system such as Linux (it locks run folders with flock); "
+                         "on Windows run it under WSL2, the Windows Subsystem for Linux\n")
         sys.exit(2)
     if argv is None:
         argv = sys.argv[1:]
