@@ -422,8 +422,9 @@ def sweep_parser(prog: str = PROG) -> argparse.ArgumentParser:
                       "Launching it again skips finished runs and resumes the others.")
     p.add_argument("grid", metavar="GRID.toml")
     p.add_argument("--out", help="sweep folder (default sweeps/GRID_NAME)")
-    p.add_argument("--dry-run", action="store_true", help="print every run as one `python run.py ...` line; start "
-                                                           "nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every run as one `python run.py ...` line, which writes what the sweep's run would, "
+                        "byte for byte (its --threads follows --cpus-per-run); start nothing")
     p.add_argument("--no-progress", action="store_true", help="a line per finished run instead of a progress bar")
     add_engine_options(p, "training")
     return p
@@ -438,7 +439,7 @@ def sweep(argv: list[str], prog: str = PROG) -> None:
     specs = _with_usage_errors(plan, args.grid, out)
     if args.dry_run:
         for spec in specs:
-            print(command_line(spec, out))
+            print(command_line(spec, out, args.cpus_per_run))
         return
     require_writable(out)
     try:

@@ -229,9 +229,12 @@ def run_folder(out: str, name: str) -> str:
     return os.path.join(out, "runs", name)
 
 
-def command_line(spec: RunSpec, out: str) -> str:
-    """The run as one `python run.py ...` line (for people who submit job arrays themselves)."""
-    return shlex.join(["python", "run.py", *spec.argv, "--out", run_folder(out, spec.name)])
+def command_line(spec: RunSpec, out: str, cpus: float = 1.0) -> str:
+    """The run as one `python run.py ...` line (for people who submit job arrays themselves): with the torch threads
+    the sweep gives a run of `cpus` CPUs, it writes what the sweep's own run would, byte for byte (a run repeats
+    exactly only with its thread count)."""
+    return shlex.join(["python", "run.py", *spec.argv, "--threads", str(threads_for(cpus)),
+                       "--out", run_folder(out, spec.name)])
 
 
 # ------------------------------------------------------------------------------------------------- in a worker
@@ -471,8 +474,8 @@ def threads_for(cpus: float) -> int:
 class Sweep:
     """The runs of one sweep folder, their states and the sweep's record (sweep.json)."""
 
-    def __init__(self, specs: list[RunSpec], out: str, grid_path: str):
-        self.specs, self.out, self.grid_path = specs, out, grid_path
+    def __init__(self, specs: list[RunSpec], out: str, grid_path: str, cpus: float = 1.0):
+        self.specs, self.out, self.grid_path, self.cpus = specs, out, grid_path, cpus
         self.states = {s.name: {"state": "pending", "episode": 0, "episodes": s.episodes, "shares": {},
                                 "wall_s": None, "error": None} for s in specs}
         self.launched = time.time()
@@ -520,7 +523,7 @@ class Sweep:
 
     def write(self) -> None:
         runs = [{"name": s.name, **self.states[s.name], "folder": os.path.join("runs", s.name), "axes": s.axes,
-                 "command": command_line(s, self.out)} for s in self.specs]
+                 "command": command_line(s, self.out, self.cpus)} for s in self.specs]
         write_json_atomic(os.path.join(self.out, "sweep.json"), {
             "grid": os.path.abspath(self.grid_path), "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
             "wall_s": time.time() - self.launched, "counts": self.counts(), "episodes_done": self.episodes_done(),
@@ -542,7 +545,7 @@ def run_sweep(specs: list[RunSpec], out: str, grid_path: str, *, address: str | 
     try:
         with open(grid_path, encoding="utf-8") as f:
             write_text_atomic(os.path.join(out, "grid.toml"), f.read())
-        sweep = Sweep(specs, out, grid_path)
+        sweep = Sweep(specs, out, grid_path, cpus)
         todo = [s for s in specs if sweep.states[s.name]["state"] != "skipped"]
         sweep.write()
         if not todo:

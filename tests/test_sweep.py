@@ -197,10 +197,29 @@ def test_dry_run_prints_one_command_per_run_and_starts_nothing(tmp_path, capsys,
     cli.main(["sweep", grid, "--out", str(tmp_path / "out"), "--dry-run"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("python run.py ") for line in lines)
-    assert any("--reward deont" in line and "--seed 1" in line and line.endswith("runs/deont-tft-seed1")
-               for line in lines)
+    assert any("--reward deont" in line and "--seed 1" in line and "--threads 1" in line
+               and line.endswith("runs/deont-tft-seed1") for line in lines)
     assert not (tmp_path / "out").exists()
 
+
+
+def test_a_runs_command_line_writes_what_the_sweeps_run_wrote(finished_sweep, tmp_path):
+    """sweep.json's (and --dry-run's) `python run.py ...` line, for a job system of one's own, repeats the sweep's run
+    byte for byte: it carries the run's thread count (--cpus-per-run). Without it a run takes every core, which
+    changes the rounding on a real model (README: the embedded model's p_c and p_d with --threads 1 and 2 differ in
+    the sixth digit from the first update on); this tiny model happens to write the same bytes either way."""
+    import shlex
+    _, whole, _ = finished_sweep
+    record = json.loads((whole / "sweep.json").read_text())
+    run = next(r for r in record["runs"] if r["name"] == "deont-tft-seed1")
+    argv = shlex.split(run["command"])
+    assert argv[:2] == ["python", "run.py"] and argv[argv.index("--threads") + 1] == "1"
+    argv[argv.index("--out") + 1] = str(tmp_path / "again")
+    proc = spawn(argv[2:] + ["--no-progress"])
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    for name in ("games.csv", "ppo.jsonl"):
+        assert (tmp_path / "again" / name).read_bytes() == (whole / "runs" / run["name"] / name).read_bytes(), name
 
 def test_grid_keys_spelled_as_options_or_with_underscores_and_names_from_settings(tmp_path, tiny_chat_model_dir):
     text = (f"[run]\nmodel = '{tiny_chat_model_dir}'\nbatch-size = 2\nreset_at_switch = true\n"
