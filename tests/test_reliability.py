@@ -86,6 +86,57 @@ def test_sigkill_at_a_random_point_then_resume_is_exact(tmp_path, tiny_chat_mode
     assert_same(artefacts(out), uninterrupted)
 
 
+
+@pytest.mark.parametrize("argv", [
+    ["--reward", "util", "--opponent", "llm", "--format-aid", "prefix"],  # two learners, one shared reference cache
+    ["--reward", "game", "--opponent", "random"],  # two-token answers, the Random opponent's stream
+    ["--reward", "game:2,deont:3", "--reset-at-switch", "--parallel-games", "3", "--format-aid", "prefix"],
+    ["--reward", "deont", "--ppo-epochs", "2", "--tokens", "XY", "--format-aid", "prefix"],  # recomputed updates
+], ids=["two-learners", "two-token-random", "schedule-reset-3-games", "two-epochs"])
+def test_a_run_stopped_after_any_episode_resumes_exactly_in_every_kind_of_run(argv, tmp_path, tiny_chat_model_dir):
+    """The SIGKILL test above covers one kind of run; this stops each other kind after episodes 1 and 3 (as SIGTERM
+    does: the episode ends, a checkpoint is written) and resumes it in a new FineTuning: the same games.csv and
+    ppo.jsonl bytes and the same final adapters and value heads as the run never stopped (fp32, 1 thread)."""
+    from moral.config import RunConfig
+    from moral.finetune import FineTuning, Interrupted
+    from moral.sweep import settings_from_args
+
+    threads = torch.get_num_threads()
+    args = cli.train_parser().parse_args([*argv, "--model", tiny_chat_model_dir, "--episodes", "5", "--lora-rank",
+                                          "4", "--lr", "0.001", "--threads", "1", "--dtype", "fp32"])
+    config = RunConfig(**settings_from_args(args)).resolve()
+
+    def files(folder):
+        out = {name: (folder / name).read_bytes() for name in ("games.csv", "ppo.jsonl")}
+        for learner in config.learners:
+            for name in ("adapter_model.safetensors", "value_head.safetensors"):
+                out[learner, name] = load_file(folder / "final" / learner / name)
+        return out
+
+    try:
+        FineTuning(config, str(tmp_path / "whole"), progress=False).train()
+        whole = files(tmp_path / "whole")
+        for stop_after in (1, 3):
+            folder = tmp_path / f"stopped-{stop_after}"
+
+            def stop(run, after=stop_after):
+                if run.episode == after:
+                    run._stop_signal = "SIGTERM"  # what the signal handler sets
+
+            with pytest.raises(Interrupted):
+                FineTuning(config, str(folder), progress=False, on_episode=stop).train()
+            resumed = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+            FineTuning(resumed, str(folder), resume=True, progress=False).train()
+            again = files(folder)
+            for key, value in whole.items():
+                if isinstance(value, bytes):
+                    assert again[key] == value, (stop_after, key)
+                else:
+                    assert value.keys() == again[key].keys() and all(torch.equal(value[k], again[key][k])
+                                                                     for k in value), (stop_after, key)
+    finally:
+        torch.set_num_threads(threads)
+
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_chat_model_dir, uninterrupted):
     out = tmp_path / "run"
     proc = spawn(train_args(tiny_chat_model_dir, out))
