@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -116,6 +117,30 @@ def load_run_policy(run_folder: str, config: RunConfig, checkpoint: str | None =
     return load_agent_model(config, adapter_paths={"agent": adapter_dir})
 
 
+def device_for_eval(run_config: RunConfig, device: str | None) -> tuple[RunConfig, str | None]:
+    """The run's settings on this machine, and a note when they change: `device` if given, else the run's device
+    where this machine has it, else this machine's default (a run trained on a GPU, evaluated on a laptop). A 16-bit
+    compute dtype that this machine's CPU would only emulate (about 25x slower) becomes fp32. The quantisation stays
+    the run's: its adapter was trained on that base."""
+    from ppo_core.model import cpu_has_native_bf16, default_device
+
+    from .config import UsageError, parse_device
+
+    trained_on, note = run_config.device, None
+    if device is None:
+        try:
+            parse_device(trained_on)
+            return run_config, None
+        except UsageError:
+            device = str(default_device())
+    dtype = run_config.dtype
+    if parse_device(device).type == "cpu" and dtype != "fp32" and not (dtype == "bf16" and cpu_has_native_bf16()):
+        dtype = "fp32"
+    if device != trained_on or dtype != run_config.dtype:
+        note = f"note: the run was trained on {trained_on} in {run_config.dtype}; evaluating on {device} in {dtype}"
+    return dataclasses.replace(run_config, device=device, dtype=dtype), note
+
+
 def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None = None,
              threads: int | None = None, progress: bool = True) -> dict:
     """Run the generalisation tests of one run folder; writes eval/decisions.csv, eval/metrics.json
@@ -126,9 +151,9 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
     from .regret import per_run_metrics
 
     cfg.validate()
-    run_config = RunConfig.from_dict(read_json(os.path.join(run_folder, "config.json")))
-    if device:
-        run_config = dataclasses.replace(run_config, device=device)
+    run_config, note = device_for_eval(RunConfig.from_dict(read_json(os.path.join(run_folder, "config.json"))), device)
+    if note:
+        print(f"{run_folder}: {note}", file=sys.stderr, flush=True)
     if threads:
         torch.set_num_threads(threads)
     t_start = time.perf_counter()

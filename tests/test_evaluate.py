@@ -3,9 +3,11 @@
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import assert_same_decisions
 from moral import cli
@@ -154,6 +156,25 @@ def test_eval_answers_the_same_with_and_without_the_prompt_tree(format_aid, tmp_
     assert tree_tokens < padded_tokens
     assert_same_decisions(tree_rows, padded_rows)
 
+
+
+def test_a_run_trained_on_a_gpu_is_evaluated_on_a_machine_without_one(trained_run, tmp_path, monkeypatch, capsys):
+    """A run folder copied from a GPU machine (config.json: device cuda, bf16) used to end its evaluation on a laptop in
+    a RuntimeError traceback from the model loader. It is now evaluated on this machine's device, in fp32 where the
+    CPU would only emulate bf16, with one note saying so."""
+    run = tmp_path / "from-gpu"
+    shutil.copytree(trained_run, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "device": "cuda", "dtype": "bf16"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("ppo_core.model.cpu_has_native_bf16", lambda: False)
+    cli.main(quick_eval(run))
+    err = capsys.readouterr().err
+    assert "note: the run was trained on cuda in bf16; evaluating on cpu in fp32" in err
+    assert json.loads((run / "eval" / "metrics.json").read_text())["decisions"] > 0
+    with pytest.raises(SystemExit) as info:  # a device asked for by name must exist
+        cli.main(quick_eval(run) + ["--device", "cuda"])
+    assert info.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
 
 def test_eval_bad_input(tmp_path, capsys):
     for argv, message in ((["eval", str(tmp_path)], "not a run folder"),
