@@ -167,6 +167,23 @@ def test_resume_with_other_settings_is_one_line_not_silently_ignored(tmp_path, c
     assert "--reward --episodes cannot change (only --threads and --report-to can)" in err
 
 
+
+def test_resume_of_a_gpu_run_on_a_machine_without_one_is_one_line(tmp_path, capsys, monkeypatch):
+    """A run folder copied from a GPU machine (config.json: device cuda) used to end --resume in a RuntimeError
+    traceback from the model loader; a finished one still prints its summary."""
+    import json
+
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**RunConfig(episodes=3).resolve().to_dict(), "device": "cuda"}))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--resume", str(run), "--no-progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "the run was trained on cuda, which this machine cannot use (CUDA is not available" in err
+
 def test_eval_checks_its_device_before_anything_else(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["eval", str(tmp_path), "--device", "foo"])
