@@ -200,7 +200,7 @@ def _new_run_folder(args, config) -> str:
 
 def train(argv: list[str], prog: str = PROG) -> None:
     from .agent import ModelUnavailable
-    from .config import RunConfig, UsageError, parse_device
+    from .config import RunConfig, UsageError, require_trained_device
     from .finetune import FineTuning, Interrupted, RunError
     from .runio import finished_summary
     from .summary import format_summary
@@ -215,12 +215,7 @@ def train(argv: list[str], prog: str = PROG) -> None:
                 print(f"{folder} is finished ({config.episodes} episodes); nothing to continue. Its summary:")
                 print(format_summary(summary))
                 return
-            try:
-                parse_device(config.device)
-            except UsageError as exc:  # a run folder copied from a GPU machine
-                usage_error(f"--resume {folder}: the run was trained on {config.device}, which this machine cannot "
-                            f"use ({str(exc).split(': ', 1)[-1]}); resume it on a machine that has it (`run.py "
-                            f"eval` of its checkpoints and final adapter works here)")
+            require_trained_device(config, f"--resume {folder}")
         else:
             config = RunConfig(**settings_from_args(args)).resolve()
             folder, resume = _new_run_folder(args, config), False

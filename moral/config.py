@@ -255,6 +255,17 @@ class RunConfig:
         return cls(**d)
 
 
+def require_trained_device(config: "RunConfig", where: str) -> None:
+    """UsageError unless this machine has the device a started run trained on (a run folder copied from a GPU
+    machine continues only where there is one)."""
+    try:
+        parse_device(config.device)
+    except UsageError as exc:
+        raise UsageError(f"{where}: the run was trained on {config.device}, which this machine cannot use "
+                         f"({str(exc).split(': ', 1)[-1]}); continue it on a machine that has it (`run.py eval` of its "
+                         f"checkpoints and final adapter works here)") from None
+
+
 def parse_device(name: str | None):
     """--device: cpu, cuda or cuda:N (default: cuda if available, else cpu) as a torch.device; UsageError naming the
     value otherwise (torch would take e.g. mps, and the model would then load on the CPU)."""

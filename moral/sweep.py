@@ -37,7 +37,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser as a package (setup.cfg installs it there)
     import tomli as tomllib
 
-from .config import RunConfig, UsageError
+from .config import RunConfig, UsageError, require_trained_device
 from .runio import FolderLock, FolderLocked, checkpoint_episode, complete_checkpoints, finished_summary, is_finished, \
     is_started, read_json, write_json_atomic, write_text_atomic
 
@@ -251,6 +251,7 @@ def train_run(folder: str, argv: list[str], threads: int, holder: str) -> dict:
     if is_started(folder):
         config = dataclasses.replace(RunConfig.from_dict(read_json(os.path.join(folder, "config.json"))),
                                      threads=threads)
+        require_trained_device(config, folder)
     else:
         parser = train_parser(parser_class=_RaisingParser)
         config = RunConfig(**settings_from_args(parser.parse_args([*argv, "--threads", str(threads)]))).resolve()

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from moral import cli
 from moral.runio import FolderLock, checkpoint_episode, complete_checkpoints
@@ -243,6 +244,23 @@ def test_an_unfinished_run_counts_from_its_last_checkpoint_not_its_last_report(t
     assert states["deont-tft-seed0"]["episode"] == 4  # the half-written checkpoint of episode 6 does not count
     assert states["deont-tft-seed1"]["episode"] == 0
 
+
+
+def test_a_started_run_trained_on_a_gpu_fails_in_one_line_where_there_is_none(tmp_path, monkeypatch):
+    """A sweep relaunched on machines without the GPU its started runs trained on: each such run's error line (the
+    sweep prints one per failed run) says why, instead of the model loader's "Cannot access accelerator device"."""
+    from moral.config import RunConfig, UsageError
+    from moral.sweep import error_line, train_run
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    folder = tmp_path / "runs" / "deont-tft-seed0"
+    (folder / "checkpoints" / "ckpt-000002").mkdir(parents=True)
+    (folder / "games.csv").write_text("episode\n")  # started: it wrote its logs
+    (folder / "config.json").write_text(json.dumps({**RunConfig(episodes=3).resolve().to_dict(), "device": "cuda"}))
+    with pytest.raises(UsageError) as info:
+        train_run(str(folder), [], threads=1, holder="test")
+    assert error_line(info.value) == f"{folder}: the run was trained on cuda, which this machine cannot use (CUDA is " \
+        f"not available on this machine); continue it on a machine that has it (`run.py eval` of its checkpoints and " \
+        f"final adapter works here)"
 
 def test_a_run_folder_started_with_other_settings_is_refused(finished_sweep, tmp_path):
     grid, whole, _ = finished_sweep
