@@ -2,11 +2,11 @@
 
     python examples/custom_reward.py [SEED]   # teaches SmolLM2-135M-Instruct to open its answers with "Yes"
 
-On a 2-core Intel Xeon (AMX, bf16), seeds 0, 1, 2: the exact probability that an answer starts with "Yes" goes from
-0.012 to 0.69, 0.73, 0.66 in 30 steps of 32 samples at lr 1e-3, 11 s of training. The 32 samples are 4 questions asked
-8 times: the prompt tree computes each question once, so they cost about what 8 samples do (10 s; with 8 samples the
-same seeds end at 0.48, 0.76, 0.96, less evenly). At lr 1e-4, this example's earlier setting, 30 steps changed nothing
-(the share of sampled answers starting with "yes" stayed at 0.12), and at 3e-4 three seeds of four stayed below 0.1.
+`python examples/custom_reward.py 0` (then 1, 2) on a 2-core Intel Xeon (AMX, bf16): the exact probability that an
+answer starts with "Yes" goes from 0.012 to 0.69, 0.73, 0.66 in 30 steps of 32 samples at lr 1e-3, about 17 s per run
+(`/usr/bin/time`). The 32 samples are 4 questions asked 8 times: the prompt tree computes each question once. The
+earlier version of this example (lr 1e-4, 8 samples; `git show d60dbf0:examples/custom_reward.py`) printed
+"0.12 -> 0.12": it learned nothing in 30 steps.
 """
 
 import torch

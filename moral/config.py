@@ -258,12 +258,23 @@ class RunConfig:
 def require_trained_device(config: "RunConfig", where: str) -> None:
     """UsageError unless this machine has the device a started run trained on (a run folder copied from a GPU
     machine continues only where there is one)."""
-    try:
-        parse_device(config.device)
-    except UsageError as exc:
-        raise UsageError(f"{where}: the run was trained on {config.device}, which this machine cannot use "
-                         f"({str(exc).split(': ', 1)[-1]}); continue it on a machine that has it (`run.py eval` of its "
-                         f"checkpoints and final adapter works here)") from None
+    why = device_unavailable(config.device)
+    if why:
+        raise UsageError(f"{where}: the run was trained on {config.device}, which this machine cannot use ({why}); "
+                         f"continue it on a machine that has it (`run.py eval` of its checkpoints and final adapter "
+                         f"works here)")
+
+
+def device_unavailable(name: str) -> str | None:
+    """Why this machine cannot run on the valid device `name` (cuda, cuda:N), or None when it can."""
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available on this machine"
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return f"this machine has CUDA devices cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+    return None
 
 
 def parse_device(name: str | None):
@@ -280,11 +291,9 @@ def parse_device(name: str | None):
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {name!r}: choose cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name!r}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name!r}: this machine has CUDA devices cuda:0 to "
-                         f"cuda:{torch.cuda.device_count() - 1}")
+    why = device_unavailable(name)
+    if why:
+        raise UsageError(f"--device {name!r}: {why}")
     return device
 
 

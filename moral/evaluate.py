@@ -120,19 +120,17 @@ def load_run_policy(run_folder: str, config: RunConfig, checkpoint: str | None =
 def device_for_eval(run_config: RunConfig, device: str | None) -> tuple[RunConfig, str | None]:
     """The run's settings on this machine, and a note when they change: `device` if given, else the run's device
     where this machine has it, else this machine's default (a run trained on a GPU, evaluated on a laptop). A 16-bit
-    compute dtype that this machine's CPU would only emulate (about 25x slower) becomes fp32. The quantisation stays
-    the run's: its adapter was trained on that base."""
+    compute dtype that this machine's CPU would only emulate becomes fp32 (emulated bf16 is about 25x slower:
+    RunConfig.speed_note). The quantisation stays the run's: its adapter was trained on that base."""
     from ppo_core.model import cpu_has_native_bf16, default_device
 
-    from .config import UsageError, parse_device
+    from .config import device_unavailable, parse_device
 
     trained_on, note = run_config.device, None
     if device is None:
-        try:
-            parse_device(trained_on)
+        if not device_unavailable(trained_on):
             return run_config, None
-        except UsageError:
-            device = str(default_device())
+        device = str(default_device())
     dtype = run_config.dtype
     if parse_device(device).type == "cpu" and dtype != "fp32" and not (dtype == "bf16" and cpu_has_native_bf16()):
         dtype = "fp32"
