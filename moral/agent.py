@@ -145,12 +145,20 @@ def load_agent_model(config, adapter_paths: dict[str, str] | None = None, init_s
     from transformers import AutoTokenizer
 
     from ppo_core import LoraSettings, PolicyModel, load_causal_lm
+    from ppo_core.model import lora_rank_limit
+
+    from .config import UsageError
 
     path = model_source(config.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     dtype = DTYPES[config.dtype]
     lm = load_causal_lm(path, quantize=config.quantize, device=config.device, dtype=dtype)
     adapters = tuple(adapter_paths) if adapter_paths else config.learners
+    limit = lora_rank_limit(lm)
+    if not adapter_paths and config.lora_rank > limit:
+        raise UsageError(f"--lora-rank {config.lora_rank}: at most {limit} for {config.model} (the "
+                         f"largest min(in_features, out_features) of its linear layers; a larger rank adds memory, "
+                         f"not expressiveness)")
     lora = LoraSettings(r=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout)
     if init_seed is not None:
         torch.manual_seed(init_seed)

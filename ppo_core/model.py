@@ -136,6 +136,17 @@ class LoraSettings:
                           task_type="CAUSAL_LM", target_modules=target)
 
 
+def lora_rank_limit(lm: nn.Module) -> int:
+    """The largest LoRA rank that can add expressiveness to some linear layer of `lm` (the LM head aside): LoRA's
+    update B @ A of an in x out layer has rank at most min(r, in, out), so this is the largest min(in, out)."""
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    dims = [min(m.in_features, m.out_features) for m in lm.modules()
+            if isinstance(m, nn.Linear) and m is not head]
+    if not dims:
+        raise ValueError(f"{type(lm).__name__} has no linear layers for LoRA to adapt")
+    return max(dims)
+
+
 class PolicyModel(nn.Module):
     """A frozen causal LM with named LoRA adapters and one fp32 value head per adapter.
 
@@ -173,8 +184,14 @@ class PolicyModel(nn.Module):
             warnings.warn("ppo_core: gradient checkpointing saves nothing here (transformers checkpoints only in "
                           "training mode, and every module stays in eval mode); bound memory with "
                           "PPOConfig(micro_batch_tokens=...) or fuse_rollout=False", stacklevel=2)
-        prepare_frozen(lm)
         adapter_paths = adapter_paths or {}
+        if lora is not None and set(adapters) - set(adapter_paths):
+            limit = lora_rank_limit(lm)
+            if lora.r > limit:
+                raise ValueError(f"LoraSettings.r={lora.r}: above {limit}, the largest rank any of this model's linear "
+                                 f"layers can take (min(in_features, out_features)); a larger r adds memory, not "
+                                 f"expressiveness")
+        prepare_frozen(lm)
         first = adapters[0]
         with warnings.catch_warnings():  # peft reads a transformers property that warns of its own deprecation
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

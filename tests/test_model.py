@@ -323,6 +323,19 @@ def test_a_model_that_already_has_peft_adapters_is_refused_with_one_line():
         PolicyModel(lm, lora=LoraSettings(r=4))  # one base, two policies: the second would wrap the first's LoRA
 
 
+def test_a_lora_rank_above_every_layers_smaller_dimension_is_refused():
+    """The tiny Llama's largest min(in_features, out_features) is 64 (hidden 64, MLP 128, keys/values 32): r=64 is
+    accepted, r=65 (and 10^23, which overflowed inside peft) refused naming the limit; adapters loaded from folders
+    keep their own rank, so the settings are not checked then."""
+    from ppo_core.model import lora_rank_limit
+    from ppo_core.testing import tiny_llama
+    assert lora_rank_limit(tiny_llama(0)) == 64
+    assert PolicyModel(tiny_llama(0), lora=LoraSettings(r=64)).lm.peft_config["default"].r == 64
+    for r in (65, 10 ** 23):
+        with pytest.raises(ValueError, match=rf"LoraSettings.r={r}: above 64, the largest rank"):
+            PolicyModel(tiny_llama(0), lora=LoraSettings(r=r))
+
+
 def test_gradient_checkpointing_switched_on_by_the_caller_gets_one_warning_that_it_saves_nothing():
     """A QLoRA habit: lm.gradient_checkpointing_enable() (activation_checkpointing_enable in newer transformers,
     which sets the same flag). transformers checkpoints only in training mode, and the policy keeps every module in
