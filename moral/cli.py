@@ -41,6 +41,14 @@ def usage_error(message: str) -> None:
     sys.exit(2)
 
 
+def path_arg(text: str) -> str:
+    """A file or folder name: an empty one (an unset shell variable, "$RUN") is refused, not read as the default
+    (`--resume ""` started a new run)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a path")
+    return text
+
+
 def positive_int(text: str) -> int:
     return _int_at_least(text, 1, "is not a positive integer")
 
@@ -151,8 +159,8 @@ def train_parser(prog: str = PROG, parser_class=OneLineParser) -> argparse.Argum
     p.add_argument("--keep-checkpoints", type=positive_int, help="checkpoints kept (default 2)")
     p.add_argument("--report-to", choices=TRACKERS, metavar="TRACKER",
                    help=f"experiment tracker: {', '.join(TRACKERS)} (default none; pip install -e '.[tracking]')")
-    p.add_argument("--out", help="run folder (default runs/REWARD-OPPONENT-seedS-TIME)")
-    p.add_argument("--resume", metavar="RUN_FOLDER", help="continue a stopped run with its own settings")
+    p.add_argument("--out", type=path_arg, help="run folder (default runs/REWARD-OPPONENT-seedS-TIME)")
+    p.add_argument("--resume", type=path_arg, metavar="RUN_FOLDER", help="continue a stopped run with its own settings")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, metavar="DTYPE",
@@ -252,7 +260,7 @@ def eval_parser(prog: str = PROG) -> argparse.ArgumentParser:
     from .evaluate import VARIANTS
 
     p = OneLineParser(prog=f"{prog} eval", description="Generalisation tests of trained runs -> RUN_FOLDER/eval/.")
-    p.add_argument("runs", nargs="+", metavar="RUN_FOLDER")
+    p.add_argument("runs", nargs="+", type=path_arg, metavar="RUN_FOLDER")
     p.add_argument("--episodes", type=positive_int, default=10, help="test episodes per game (default 10)")
     p.add_argument("--steps", type=positive_int, default=5, help="steps per test episode (default 5)")
     p.add_argument("--games", nargs="+", default=list(TEST_GAMES), metavar="GAME",
@@ -342,8 +350,8 @@ def print_regret(groups: list[dict]) -> None:
 def report_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = OneLineParser(prog=f"{prog} report", description="Tables and figures across run folders, or of a sweep "
                                                          "folder (grouped by condition, 95% intervals over seeds).")
-    p.add_argument("runs", nargs="+", metavar="RUN_FOLDER|SWEEP_DIR")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the tables (.md, .csv) and figures (.png)")
+    p.add_argument("runs", nargs="+", type=path_arg, metavar="RUN_FOLDER|SWEEP_DIR")
+    p.add_argument("--out", required=True, type=path_arg, metavar="DIR", help="folder for the tables (.md, .csv) and figures (.png)")
     p.add_argument("--tokens", metavar="SET", help="token set of the evaluation tables (default action34 if present)")
     return p
 
@@ -421,8 +429,8 @@ def sweep_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = OneLineParser(prog=f"{prog} sweep", description="Train every run of an experiment grid (a TOML file with "
                       "[run] options for every run and [grid] lists whose combinations are the runs) on Ray. "
                       "Launching it again skips finished runs and resumes the others.")
-    p.add_argument("grid", metavar="GRID.toml")
-    p.add_argument("--out", help="sweep folder (default sweeps/GRID_NAME)")
+    p.add_argument("grid", type=path_arg, metavar="GRID.toml")
+    p.add_argument("--out", type=path_arg, help="sweep folder (default sweeps/GRID_NAME)")
     p.add_argument("--dry-run", action="store_true",
                    help="print every run as one `python run.py ...` line, which writes what the sweep's run would, "
                         "byte for byte (its --threads follows --cpus-per-run); start nothing")

@@ -107,6 +107,19 @@ def test_a_lora_rank_no_layer_can_take_is_one_line(tmp_path, tiny_chat_model_dir
     assert f"--lora-rank {10 ** 23}: at most " in err
 
 
+@pytest.mark.parametrize("args", [["--resume", ""], ["--out", " "], ["eval", ""], ["report", "", "--out", "x"],
+                                  ["report", "RUN", "--out", ""], ["sweep", ""], ["sweep", "g.toml", "--out", ""]])
+def test_an_empty_path_is_one_line_not_the_default(args, tmp_path, capsys, monkeypatch):
+    """`--resume "$RUN"` with RUN unset started a new 300-episode run, and `--out ""` wrote to the default folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main(args + (["--model", str(tmp_path / "never-loaded")] if args[0].startswith("--") else []))
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.endswith(f": {next(a for a in args if not a.strip())!r} is not a path\n")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("args", [["--seed", "-3"], ["eval", "RUN", "--seed", "-1"], ["--seed", str(2 ** 63)]])
 def test_a_negative_or_huge_seed_is_one_line(args, tmp_path, capsys):
     """It was numpy's SeedSequence traceback ("expected non-negative integer", exit 1) for training, a line naming
