@@ -48,10 +48,19 @@ def restore_rng(state: dict) -> None:
 
 
 def _fsync_tree(folder: str) -> None:
-    for root, _, files in os.walk(folder):
+    """fsync every file under `folder`, then every folder (their entries), deepest first."""
+    for root, _, files in os.walk(folder, topdown=False):
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
+        _fsync_folder(root)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a folder's entries durable (POSIX). Windows cannot open a folder as a file (PermissionError), nor does it
+    need to: NTFS journals its folder entries, so there the files' own fsyncs are all there is to do."""
+    if os.name == "nt":
+        return
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -104,6 +113,7 @@ def save_checkpoint(folder: str, *, policy, trainers: dict, extra: dict | None =
                 json.dump(config, f, indent=2, sort_keys=True, default=str)
         _fsync_tree(tmp)
         os.rename(tmp, folder)
+        _fsync_folder(os.path.dirname(folder))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

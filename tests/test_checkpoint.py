@@ -80,6 +80,27 @@ def test_checkpoint_is_written_atomically_and_never_overwritten(tmp_path, monkey
     load_checkpoint(folder, policy=policy, trainers={"agent": trainer})
 
 
+def test_a_checkpoint_is_written_where_folders_cannot_be_opened_as_files(tmp_path, monkeypatch):
+    """Windows refuses os.open on a folder (PermissionError), which save_checkpoint used for every checkpoint; there
+    it now fsyncs the files only (NTFS journals folder entries). Simulated here: os.name and a refusing os.open."""
+    import ppo_core.checkpoint as checkpoint_module
+    policy = tiny_policy(0)
+    trainer = PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2), policy, "agent")
+    real_open = os.open
+
+    def windows_open(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.os, "open", windows_open)
+    monkeypatch.setattr(checkpoint_module.os, "name", "nt")
+    folder = save_checkpoint(str(tmp_path / "ckpt-1"), policy=policy, trainers={"agent": trainer})
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-1"]
+    load_checkpoint(folder, policy=policy, trainers={"agent": trainer})
+
+
 def test_corrupt_or_missing_checkpoint_raises_checkpoint_error(tmp_path):
     policy = tiny_policy(0)
     trainer = PPOTrainer(PPOConfig(batch_size=2, mini_batch_size=2), policy, "agent")
