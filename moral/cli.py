@@ -50,7 +50,20 @@ def path_arg(text: str) -> str:
 
 
 def positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "is not a positive integer")
+    """An integer in [1, 2^63): a count or size; larger ones overflow the integers that torch, numpy and len() take
+    (eval --steps 10^23 was OverflowError's traceback)."""
+    value = _int_at_least(text, 1, "is not a positive integer")
+    if value >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{value} is too large: must be below 2^63")
+    return value
+
+
+def device_arg(text: str) -> str:
+    """--device: an empty name is refused here (the default is to leave the option out); the rest is checked by
+    moral.config.parse_device."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: choose cpu, cuda or cuda:N")
+    return text
 
 
 def seed_int(text: str) -> int:
@@ -162,7 +175,7 @@ def train_parser(prog: str = PROG, parser_class=OneLineParser) -> argparse.Argum
     p.add_argument("--out", type=path_arg, help="run folder (default runs/REWARD-OPPONENT-seedS-TIME)")
     p.add_argument("--resume", type=path_arg, metavar="RUN_FOLDER", help="continue a stopped run with its own settings")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=device_arg, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, metavar="DTYPE",
                    help="compute dtype: fp32, bf16, fp16 (default: bf16 on GPUs that support it and on CPUs with "
                         "native bf16 instructions, fp16 on V100, fp32 otherwise)")
@@ -275,10 +288,11 @@ def eval_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--followup", action="store_true", help="ask the follow-up questions after each IPD decision")
     p.add_argument("--followup-tokens", type=positive_int, default=100, help="answer length (default 100)")
     p.add_argument("--seed", type=seed_int, default=100, help="seed of the test games and answers (default 100)")
-    p.add_argument("--checkpoint", help="evaluate this checkpoint folder instead of the run's final adapter")
+    p.add_argument("--checkpoint", type=path_arg,
+                   help="evaluate this checkpoint folder instead of the run's final adapter")
     p.add_argument("--token-budget", type=positive_int, default=2048,
                    help="tokens of one packed forward pass (prompt-tree nodes; default 2048)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the run's)")
+    p.add_argument("--device", type=device_arg, help="cpu, cuda or cuda:N (default: the run's)")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_options(p, "evaluation")

@@ -158,8 +158,9 @@ class RunConfig:
         for name in ("episodes", "steps", "parallel_games", "lora_rank", "ppo_epochs", "save_every",
                      "keep_checkpoints", "threads", "lora_alpha"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise UsageError(f"--{name.replace('_', '-')} {value!r}: must be a positive integer")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 1 <= value < 2 ** 63):
+                raise UsageError(f"--{name.replace('_', '-')} {value!r}: must be a positive integer below 2^63")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < SEED_LIMIT:
             raise UsageError(f"--seed {self.seed!r}: {SEED_RULE}")
         schedule = "," in self.reward or ":" in self.reward
@@ -283,7 +284,7 @@ def parse_device(name: str | None):
     import torch
 
     from ppo_core.model import default_device
-    if not name:
+    if name is None:
         return default_device()
     try:
         device = torch.device(name)

@@ -120,6 +120,27 @@ def test_an_empty_path_is_one_line_not_the_default(args, tmp_path, capsys, monke
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("args, message", [
+    (["eval", "RUN", "--steps", str(10 ** 23)], f"argument --steps: {10 ** 23} is too large: must be below 2^63"),
+    (["--parallel-games", str(2 ** 63)], f"argument --parallel-games: {2 ** 63} is too large: must be below 2^63"),
+    (["eval", "RUN", "--device", ""], "argument --device: '' is not a device: choose cpu, cuda or cuda:N"),
+    (["--device", " "], "argument --device: ' ' is not a device: choose cpu, cuda or cuda:N"),
+    (["eval", "RUN", "--checkpoint", ""], "argument --checkpoint: '' is not a path")])
+def test_a_count_past_2_to_the_63_or_an_empty_device_is_one_line(args, message, tmp_path, capsys):
+    """eval --steps 10^23 was tqdm's OverflowError traceback (--parallel-games 10^23 filled 24 GB in a minute before
+    the kernel killed it), eval --device '' torch's RuntimeError, and --device '' / --checkpoint '' meant the
+    default."""
+    training = [] if args[0] == "eval" else ["--model", str(tmp_path / "never-loaded"), "--out", str(tmp_path / "r")]
+    with pytest.raises(SystemExit) as info:
+        cli.main([a.replace("RUN", str(tmp_path)) for a in args] + training)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err == f"error: {message}\n"
+    with pytest.raises(UsageError, match=r"--episodes 9223372036854775808: must be a positive integer below 2\^63"):
+        RunConfig(episodes=2 ** 63).resolve()
+    with pytest.raises(UsageError, match=r"--device '': choose cpu, cuda or cuda:N"):
+        RunConfig(device="").resolve()
+
+
 @pytest.mark.parametrize("args", [["--seed", "-3"], ["eval", "RUN", "--seed", "-1"], ["--seed", str(2 ** 63)]])
 def test_a_negative_or_huge_seed_is_one_line(args, tmp_path, capsys):
     """It was numpy's SeedSequence traceback ("expected non-negative integer", exit 1) for training, a line naming
