@@ -50,9 +50,13 @@ def path_arg(text: str) -> str:
 
 
 def positive_int(text: str) -> int:
-    """An integer in [1, 2^63): a count or size; larger ones overflow the integers that torch, numpy and len() take
-    (eval --steps 10^23 was OverflowError's traceback)."""
-    value = _int_at_least(text, 1, "is not a positive integer")
+    return _count(text, 1, "is not a positive integer")
+
+
+def _count(text: str, minimum: int, says: str) -> int:
+    """An integer in [minimum, 2^63): larger ones overflow the integers that torch, numpy, Ray and len() take (eval
+    --steps 10^23 was OverflowError's traceback)."""
+    value = _int_at_least(text, minimum, says)
     if value >= 2 ** 63:
         raise argparse.ArgumentTypeError(f"{value} is too large: must be below 2^63")
     return value
@@ -436,7 +440,7 @@ def nonnegative_float(text: str) -> float:
 
 
 def nonnegative_int(text: str) -> int:
-    return _int_at_least(text, 0, "is negative")
+    return _count(text, 0, "is negative")
 
 
 def sweep_parser(prog: str = PROG) -> argparse.ArgumentParser:

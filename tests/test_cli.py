@@ -123,6 +123,7 @@ def test_an_empty_path_is_one_line_not_the_default(args, tmp_path, capsys, monke
 @pytest.mark.parametrize("args, message", [
     (["eval", "RUN", "--steps", str(10 ** 23)], f"argument --steps: {10 ** 23} is too large: must be below 2^63"),
     (["--parallel-games", str(2 ** 63)], f"argument --parallel-games: {2 ** 63} is too large: must be below 2^63"),
+    (["sweep", "g.toml", "--retries", str(2 ** 64)], f"argument --retries: {2 ** 64} is too large: must be below 2^63"),
     (["eval", "RUN", "--device", ""], "argument --device: '' is not a device: choose cpu, cuda or cuda:N"),
     (["--device", " "], "argument --device: ' ' is not a device: choose cpu, cuda or cuda:N"),
     (["eval", "RUN", "--checkpoint", ""], "argument --checkpoint: '' is not a path")])
