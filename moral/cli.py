@@ -124,7 +124,11 @@ def require_writable(folder: str, option: str | None = "--out") -> None:
 
 
 def require_run_folders(folders: list[str]) -> None:
+    seen = {}
     for run in folders:
+        if os.path.realpath(run) in seen:  # a report would count its seed twice
+            usage_error(f"{run}: the same run folder as {seen[os.path.realpath(run)]}; give each run once")
+        seen[os.path.realpath(run)] = run
         if not os.path.isfile(os.path.join(run, "config.json")):
             inside = sorted(os.listdir(run)) if os.path.isdir(run) else []
             runs = [f for f in inside if os.path.isfile(os.path.join(run, f, "config.json"))]
@@ -369,7 +373,8 @@ def report_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p = OneLineParser(prog=f"{prog} report", description="Tables and figures across run folders, or of a sweep "
                                                          "folder (grouped by condition, 95% intervals over seeds).")
     p.add_argument("runs", nargs="+", type=path_arg, metavar="RUN_FOLDER|SWEEP_DIR")
-    p.add_argument("--out", required=True, type=path_arg, metavar="DIR", help="folder for the tables (.md, .csv) and figures (.png)")
+    p.add_argument("--out", required=True, type=path_arg, metavar="DIR",
+                   help="folder for the tables (.md, .csv) and figures (.png)")
     p.add_argument("--tokens", metavar="SET", help="token set of the evaluation tables (default action34 if present)")
     return p
 

@@ -142,6 +142,21 @@ def test_a_count_past_2_to_the_63_or_an_empty_device_is_one_line(args, message, 
         RunConfig(device="").resolve()
 
 
+@pytest.mark.parametrize("command", ["eval", "report"])
+def test_a_run_folder_given_twice_is_one_line(command, tmp_path, capsys):
+    """`report RUN RUN/` counted the run's seed twice (n=2 and a confidence interval from one run); eval ran it
+    twice. Folders are compared as real paths."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    os.symlink(run, tmp_path / "link")
+    for twice in ([str(run), str(run)], [str(run), str(tmp_path / "link") + "/"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main([command, *twice] + (["--out", str(tmp_path / "report")] if command == "report" else []))
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err == f"error: {twice[1]}: the same run folder as {run}; give each run once\n"
+
+
 @pytest.mark.parametrize("args", [["--seed", "-3"], ["eval", "RUN", "--seed", "-1"], ["--seed", str(2 ** 63)]])
 def test_a_negative_or_huge_seed_is_one_line(args, tmp_path, capsys):
     """It was numpy's SeedSequence traceback ("expected non-negative integer", exit 1) for training, a line naming
