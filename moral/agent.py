@@ -155,7 +155,7 @@ def load_agent_model(config, adapter_paths: dict[str, str] | None = None, init_s
     lm = load_causal_lm(path, quantize=config.quantize, device=config.device, dtype=dtype)
     adapters = tuple(adapter_paths) if adapter_paths else config.learners
     limit = lora_rank_limit(lm)
-    if not adapter_paths and config.lora_rank > limit:
+    if not adapter_paths and limit is not None and config.lora_rank > limit:
         raise UsageError(f"--lora-rank {config.lora_rank}: at most {limit} for {config.model} (the "
                          f"largest min(in_features, out_features) of its linear layers; a larger rank adds memory, "
                          f"not expressiveness)")

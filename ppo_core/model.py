@@ -136,15 +136,20 @@ class LoraSettings:
                           task_type="CAUSAL_LM", target_modules=target)
 
 
-def lora_rank_limit(lm: nn.Module) -> int:
+def lora_rank_limit(lm: nn.Module) -> int | None:
     """The largest LoRA rank that can add expressiveness to some linear layer of `lm` (the LM head aside): LoRA's
-    update B @ A of an in x out layer has rank at most min(r, in, out), so this is the largest min(in, out)."""
+    update B @ A of an in x out layer has rank at most min(r, in, out), so this is the largest min(in, out); None
+    when `lm` has no such layer. Linear layers (4-bit ones included) and GPT-2's Conv1D count."""
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
-    dims = [min(m.in_features, m.out_features) for m in lm.modules()
-            if isinstance(m, nn.Linear) and m is not head]
-    if not dims:
-        raise ValueError(f"{type(lm).__name__} has no linear layers for LoRA to adapt")
-    return max(dims)
+    dims = []
+    for module in lm.modules():
+        if module is head:
+            continue
+        if isinstance(module, nn.Linear):
+            dims.append(min(module.in_features, module.out_features))
+        elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+            dims.append(min(module.weight.shape))
+    return max(dims, default=None)
 
 
 class PolicyModel(nn.Module):
@@ -187,7 +192,7 @@ class PolicyModel(nn.Module):
         adapter_paths = adapter_paths or {}
         if lora is not None and set(adapters) - set(adapter_paths):
             limit = lora_rank_limit(lm)
-            if lora.r > limit:
+            if limit is not None and lora.r > limit:
                 raise ValueError(f"LoraSettings.r={lora.r}: above {limit}, the largest rank any of this model's linear "
                                  f"layers can take (min(in_features, out_features)); a larger r adds memory, not "
                                  f"expressiveness")

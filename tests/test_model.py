@@ -329,7 +329,9 @@ def test_a_lora_rank_above_every_layers_smaller_dimension_is_refused():
     keep their own rank, so the settings are not checked then."""
     from ppo_core.model import lora_rank_limit
     from ppo_core.testing import tiny_llama
+    from transformers import GPT2Config, GPT2LMHeadModel
     assert lora_rank_limit(tiny_llama(0)) == 64
+    assert lora_rank_limit(GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))) == 32  # Conv1D
     assert PolicyModel(tiny_llama(0), lora=LoraSettings(r=64)).lm.peft_config["default"].r == 64
     for r in (65, 10 ** 23):
         with pytest.raises(ValueError, match=rf"LoraSettings.r={r}: above 64, the largest rank"):
