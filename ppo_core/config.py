@@ -87,8 +87,8 @@ class PPOConfig:
             if not isinstance(value, int) or isinstance(value, bool):
                 fail(name, "must be an integer")
         for name in ("batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
-            if getattr(self, name) < 1:
-                fail(name, "must be >= 1")
+            if not 1 <= getattr(self, name) < 2 ** 63:
+                fail(name, "must be in [1, 2^63)")
         if not -2 ** 63 <= self.seed < 2 ** 64:
             fail("seed", "must be in [-2^63, 2^64), as torch.Generator.manual_seed takes it")
         for name in ("adap_kl_ctrl", "use_score_scaling", "use_score_norm", "whiten_rewards", "early_stopping",
@@ -120,8 +120,8 @@ class PPOConfig:
                 fail(name, "must be None or a finite number > 0")
         if self.micro_batch_tokens is not None and (not isinstance(self.micro_batch_tokens, int)
                                                     or isinstance(self.micro_batch_tokens, bool)
-                                                    or self.micro_batch_tokens < 1):
-            fail("micro_batch_tokens", "must be None or an integer >= 1")
+                                                    or not 1 <= self.micro_batch_tokens < 2 ** 63):
+            fail("micro_batch_tokens", "must be None or an integer in [1, 2^63)")
         if self.kl_penalty not in KL_PENALTIES:
             fail("kl_penalty", f"must be one of {', '.join(KL_PENALTIES)}")
         if self.use_score_norm and not self.use_score_scaling:

@@ -17,7 +17,8 @@ def test_trl_defaults():
 
 
 @pytest.mark.parametrize("changes, field, rule", [
-    ({"batch_size": 0}, "batch_size", ">= 1"),
+    ({"batch_size": 0}, "batch_size", "[1, 2^63)"),
+    ({"batch_size": 2 ** 70, "mini_batch_size": 2}, "batch_size", "[1, 2^63)"),  # was an OverflowError in generate
     ({"batch_size": 5, "mini_batch_size": 2}, "batch_size", "divisible"),
     ({"batch_size": 8, "mini_batch_size": 2, "gradient_accumulation_steps": 3}, "batch_size", "divisible"),
     ({"learning_rate": -1.0}, "learning_rate", "> 0"),
@@ -30,7 +31,7 @@ def test_trl_defaults():
     ({"score_clip": 0.0}, "score_clip", "> 0"),
     ({"max_grad_norm": -1}, "max_grad_norm", "> 0"),
     ({"ppo_epochs": 2.0}, "ppo_epochs", "integer"),
-    ({"micro_batch_tokens": 0}, "micro_batch_tokens", ">= 1"),
+    ({"micro_batch_tokens": 0}, "micro_batch_tokens", "[1, 2^63)"),
     ({"temperature": 0}, "temperature", "> 0"),
     ({"early_stopping": "yes"}, "early_stopping", "True or False"),
     ({"seed": 2 ** 64}, "seed", "[-2^63, 2^64)"),  # was torch's "Overflow when unpacking long long" in PPOTrainer
