@@ -121,6 +121,12 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
     queries = token_sequences("query", queries, vocab)
     if not queries:
         raise ValueError("sample() needs at least one query")
+    positions = getattr(policy.config.get_text_config(), "max_position_embeddings", None)
+    longest = max(len(q) for q in queries)
+    if positions and longest + max_new_tokens > positions:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: the longest query ({longest} tokens) and its answer "
+                         f"need {longest + max_new_tokens} positions; this model has {positions} "
+                         f"(max_position_embeddings)")
     if stop_at_eos and eos_token_id is None:
         raise ValueError("stop_at_eos=True needs eos_token_id")
     eos_list = []  # only stop_at_eos reads eos_token_id
@@ -131,6 +137,8 @@ def sample(policy, queries: list[torch.Tensor], *, max_new_tokens: int, temperat
             raise ValueError(f"eos_token_id={eos_token_id!r}: must be a token id in [0, {vocab}) for this model, "
                              f"or a list or 1-D tensor of them")
     eos_ids = torch.tensor(eos_list, device=policy.device, dtype=torch.long)
+    if probe_tokens is not None and any(_index(t) is None or not 0 <= t < vocab for t in probe_tokens):
+        raise ValueError(f"probe_tokens={probe_tokens!r}: token ids must be in [0, {vocab}) for this model")
     drafts = sorted({tuple(int(t) for t in d[:max_new_tokens - 1]) for d in draft or ()} - {()})
     if any(not 0 <= t < vocab for d in drafts for t in d):
         raise ValueError(f"draft {drafts}: token ids must be in [0, {vocab}) for this model")

@@ -322,6 +322,8 @@ class PPOTrainer:
             raise ValueError("queries and responses must be lists of 1-D token tensors")
         if isinstance(scores, (str, bytes)) or not (torch.is_tensor(scores) or hasattr(scores, "__len__")):
             raise ValueError(f"scores must be a list or tensor of one number per sample, got {scores!r}")
+        if torch.is_tensor(scores) and scores.dim() == 0:
+            raise ValueError(f"scores must be one number per sample; got a 0-d tensor ({scores.item()!r})")
         if len(queries) != len(responses) or len(queries) != len(scores):
             raise ValueError(f"queries, responses and scores must have the same length, got "
                              f"{len(queries)}, {len(responses)} and {len(scores)}")
@@ -338,13 +340,17 @@ class PPOTrainer:
             numbers = []
             for i, s in enumerate(scores):
                 try:
-                    numbers.append(float(torch.as_tensor(s).reshape(())))
+                    numbers.append(float(torch.as_tensor(s, dtype=torch.float64).reshape(())))
                 except (TypeError, ValueError, RuntimeError):
                     raise ValueError(f"scores must be one number per sample; sample {i} has score {s!r}") from None
             scores = torch.tensor(numbers, dtype=torch.float64)
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
         if bad:
             raise ValueError(f"scores must be finite; sample {bad[0]} has score {float(scores[bad[0]])}")
+        huge = (scores.abs() > torch.finfo(torch.float32).max).nonzero().flatten().tolist()
+        if huge:  # the step computes in float32, where it would be inf
+            raise ValueError(f"scores must be within float32's range (+-3.4e38); sample {huge[0]} has score "
+                             f"{float(scores[huge[0]]):g}")
         return checked[0], checked[1], scores
 
     def _batch_stats(self, batch, scores, raw_scores, ref_logprobs, seq_kl, non_score, queries, responses,

@@ -409,8 +409,11 @@ def test_bad_inputs_raise_value_error(mutate, message):
     ({"top_p": 0.0}, r"top_p=0.0: must be in \(0, 1\]"),
     ({"top_p": 1.5}, r"top_p=1.5: must be in \(0, 1\]"),
     ({"max_new_tokens": 1.5}, r"max_new_tokens=1.5: must be an integer >= 1"),
+    ({"max_new_tokens": 2 ** 70}, rf"max_new_tokens={2 ** 70}: the longest query \(2 tokens\) and its answer need "
+                                  rf"{2 ** 70 + 2} positions; this model has 512"),  # generated until out of memory
     ({"stop_at_eos": True, "eos_token_id": 64}, r"eos_token_id=64: must be a token id in \[0, 64\)"),
     ({"stop_at_eos": True, "eos_token_id": [3, -1]}, r"eos_token_id=\[3, -1\]: must be a token id"),
+    ({"probe_tokens": [3, 64]}, r"probe_tokens=\[3, 64\]: token ids must be in \[0, 64\)"),  # was an IndexError
 ])
 def test_bad_queries_to_generate_raise_one_clear_value_error(queries, message):
     """They used to surface as an AttributeError, an IndexError from the embedding or from torch.topk, a NaN error
@@ -430,6 +433,8 @@ def test_bad_queries_to_generate_raise_one_clear_value_error(queries, message):
     ({"scores": [1.0, [2.0, 3.0]]}, r"sample 1 has score \[2.0, 3.0\]"),
     ({"scores": torch.ones(2, 2)}, r"got a tensor of shape \(2, 2\) for 2 samples"),
     ({"scores": [1.0, float("inf")]}, "scores must be finite; sample 1 has score inf"),
+    ({"scores": torch.tensor(1.0)}, r"got a 0-d tensor \(1.0\)"),  # was a TypeError from len()
+    ({"scores": [1.0, -1e300]}, r"within float32's range \(\+-3.4e38\); sample 1 has score -1e\+300"),  # said "inf"
     ({"responses": [torch.tensor([3]), torch.tensor([], dtype=torch.long)]}, "response 1 is empty"),
     ({"responses": [torch.tensor([3.0]), torch.tensor([4])]}, "response 0 must be a 1-D integer tensor"),
     ({"responses": [torch.tensor([3]), torch.tensor([64])]}, r"response 1 has token id 64: ids must be in \[0, 64\)"),
