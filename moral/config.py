@@ -10,6 +10,7 @@ config.json in a run folder is `config.to_dict()`; `RunConfig.from_dict` reads i
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import sys
 from dataclasses import dataclass, field
@@ -152,6 +153,7 @@ class RunConfig:
 
         from .trackers import TRACKERS, TrackerUnavailable, check_installed
 
+        self._check_types()
         embedded = self.model == EMBEDDED_MODEL
         if self.opponent not in OPPONENT_NAMES:
             raise UsageError(f"--opponent {self.opponent!r}: choose one of {', '.join(OPPONENT_NAMES)}")
@@ -208,7 +210,33 @@ class RunConfig:
             quantize=quantize, dtype=dtype,
             derived=Derived(phases=tuple(phases), batch_size=steps * self.parallel_games,
                             ppo_seed=make_streams(self.seed)["ppo"].randrange(10_000), versions=_versions()))
-        return resolved.with_derived(ppo=ppo_config(resolved).to_dict())
+        try:
+            ppo = ppo_config(resolved)
+        except ValueError as exc:  # a PPOConfig field set from this config (init_kl_coef), named by PPOConfig
+            raise UsageError(str(exc)) from None
+        return resolved.with_derived(ppo=ppo.to_dict())
+
+    def _check_types(self) -> None:
+        """Settings of the wrong kind (from the Python API; the command line and grid files parse theirs) are a
+        UsageError naming them, not a TypeError deep inside."""
+        kinds = {"text": ("reward", "model", "opponent", "tokens", "report_to"),
+                 "text or None": ("quantize", "format_aid", "device", "dtype"),
+                 "True or False": ("lenient", "score_norm", "reset_at_switch"),
+                 "a finite number": ("lr", "lora_dropout", "illegal", "xi", "init_kl_coef", "temperature"),
+                 "an integer": ("parallel_games", "ppo_epochs", "lora_rank", "lora_alpha", "save_every",
+                                "keep_checkpoints", "seed")}
+        for kind, names in kinds.items():
+            for name in names:
+                value = getattr(self, name)
+                ok = {"text": isinstance(value, str), "text or None": value is None or isinstance(value, str),
+                      "True or False": isinstance(value, bool),
+                      "a finite number": isinstance(value, (int, float)) and not isinstance(value, bool)
+                      and math.isfinite(value),
+                      "an integer": isinstance(value, int) and not isinstance(value, bool)}[kind]
+                if not ok:
+                    raise UsageError(f"--{name.replace('_', '-')} {value!r}: must be {kind}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"--lora-dropout {self.lora_dropout!r}: must be in [0, 1)")
 
     def with_derived(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, derived=dataclasses.replace(self.derived, **changes))

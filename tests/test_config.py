@@ -50,3 +50,22 @@ def test_frozen_and_replace_revalidates():
         dataclasses.replace(c, gradient_accumulation_steps=3)
     d = dataclasses.replace(c, mini_batch_size=2, gradient_accumulation_steps=2)
     assert d.backward_batch_size == 4
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"reward": 3}, "--reward 3: must be text"),  # each was a TypeError or ValueError from deep inside
+    ({"xi": "x"}, "--xi 'x': must be a finite number"),
+    ({"temperature": None}, "--temperature None: must be a finite number"),
+    ({"device": 1.5}, "--device 1.5: must be text or None"),
+    ({"tokens": ["C", "D"]}, r"--tokens \['C', 'D'\]: must be text"),
+    ({"parallel_games": None}, "--parallel-games None: must be an integer"),
+    ({"lenient": "yes"}, "--lenient 'yes': must be True or False"),
+    ({"lora_dropout": 1.0}, r"--lora-dropout 1.0: must be in \[0, 1\)"),
+    ({"init_kl_coef": -1}, "PPOConfig.init_kl_coef=-1: must be >= 0"),
+])
+def test_run_settings_of_the_wrong_kind_are_a_usage_error_naming_them(changes, message):
+    """moral's Python API: RunConfig(...).resolve() names a bad setting (the command line and grid files parse
+    theirs before; these reached torch.device, `in` on a number or PPOConfig's own ValueError)."""
+    from moral.config import RunConfig, UsageError
+    with pytest.raises(UsageError, match=message):
+        RunConfig(**changes).resolve()
