@@ -24,7 +24,7 @@ from games import GAMES, PROMPT_VARIANTS, TABLE_ORDERS, TEST_GAMES, FOLLOWUP_QUE
 from ppo_core.generation import sample
 
 from .agent import Codec, decide, load_agent_model
-from .config import RunConfig, make_streams
+from .config import RunConfig, UsageError, make_streams
 from .rewards import REWARDS, RewardSettings, moral_reward
 from .runio import read_json, write_csv_atomic, write_json_atomic
 
@@ -156,6 +156,10 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
         torch.set_num_threads(threads)
     t_start = time.perf_counter()
     policy, tokenizer = load_run_policy(run_folder, run_config, cfg.checkpoint)
+    positions = getattr(policy.config.get_text_config(), "max_position_embeddings", None)
+    if cfg.followup and positions and cfg.followup_tokens >= positions:  # refused before the decisions, not after
+        raise UsageError(f"--followup-tokens {cfg.followup_tokens}: {run_config.model} has {positions} positions, "
+                         f"prompt included")
     codecs = {name: Codec(tokenizer, get_tokens(name), run_config.format_aid, run_config.lenient)
               for name in cfg.tokens}
     settings = RewardSettings(run_config.illegal, run_config.xi)

@@ -109,6 +109,19 @@ def test_eval_without_followup_removes_an_earlier_followup_csv(trained_run):
     assert json.loads((eval_dir / "metrics.json").read_text())["eval"]["followup"] is False
 
 
+def test_followup_answers_longer_than_the_model_are_one_line_before_any_decision(trained_run, capsys, monkeypatch):
+    """--followup-tokens 100000 ran every decision, then failed in sample() naming max_new_tokens; now it is refused
+    as soon as the model's positions are known, before the first decision."""
+    from moral import evaluate
+    decided = []
+    monkeypatch.setattr(evaluate, "decide", lambda *a, **k: decided.append(1) or pytest.fail("decided"))
+    with pytest.raises(SystemExit) as info:
+        cli.main(quick_eval(trained_run) + ["--followup", "--followup-tokens", "100000"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and not decided
+    assert "--followup-tokens 100000: " in err and " positions, prompt included" in err
+
+
 def test_an_eval_stopped_between_its_writes_leaves_no_metrics_json(trained_run, monkeypatch):
     """metrics.json marks a finished eval (the sweep skips runs that have one): an eval that dies after writing
     decisions.csv must not leave the previous eval's metrics.json beside the new decisions."""
