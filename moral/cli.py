@@ -41,12 +41,16 @@ def usage_error(message: str) -> None:
     sys.exit(2)
 
 
-def path_arg(text: str) -> str:
-    """A file or folder name: an empty one (an unset shell variable, "$RUN") is refused, not read as the default
+def _nonempty(text: str, says: str) -> str:
+    """An empty or blank value (an unset shell variable, "$RUN") is refused, not read as the option's default
     (`--resume ""` started a new run)."""
     if not text.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a path")
+        raise argparse.ArgumentTypeError(f"{text!r} {says}")
     return text
+
+
+def path_arg(text: str) -> str:
+    return _nonempty(text, "is not a path")
 
 
 def positive_int(text: str) -> int:
@@ -63,11 +67,8 @@ def _count(text: str, minimum: int, says: str) -> int:
 
 
 def device_arg(text: str) -> str:
-    """--device: an empty name is refused here (the default is to leave the option out); the rest is checked by
-    moral.config.parse_device."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device: choose cpu, cuda or cuda:N")
-    return text
+    """--device: not empty here; the rest is checked by moral.config.parse_device."""
+    return _nonempty(text, "is not a device: choose cpu, cuda or cuda:N")
 
 
 def seed_int(text: str) -> int:
@@ -126,9 +127,10 @@ def require_writable(folder: str, option: str | None = "--out") -> None:
 def require_run_folders(folders: list[str]) -> None:
     seen = {}
     for run in folders:
-        if os.path.realpath(run) in seen:  # a report would count its seed twice
-            usage_error(f"{run}: the same run folder as {seen[os.path.realpath(run)]}; give each run once")
-        seen[os.path.realpath(run)] = run
+        real = os.path.realpath(run)
+        if real in seen:  # a report would count its seed twice
+            usage_error(f"{run}: the same run folder as {seen[real]}; give each run once")
+        seen[real] = run
         if not os.path.isfile(os.path.join(run, "config.json")):
             inside = sorted(os.listdir(run)) if os.path.isdir(run) else []
             runs = [f for f in inside if os.path.isfile(os.path.join(run, f, "config.json"))]

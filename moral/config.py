@@ -225,16 +225,15 @@ class RunConfig:
                  "a finite number": ("lr", "lora_dropout", "illegal", "xi", "init_kl_coef", "temperature"),
                  "an integer": ("parallel_games", "ppo_epochs", "lora_rank", "lora_alpha", "save_every",
                                 "keep_checkpoints", "seed")}
+        is_kind = {"text": lambda v: isinstance(v, str), "text or None": lambda v: v is None or isinstance(v, str),
+                   "True or False": lambda v: isinstance(v, bool),
+                   "a finite number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v),
+                   "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool)}
         for kind, names in kinds.items():
             for name in names:
-                value = getattr(self, name)
-                ok = {"text": isinstance(value, str), "text or None": value is None or isinstance(value, str),
-                      "True or False": isinstance(value, bool),
-                      "a finite number": isinstance(value, (int, float)) and not isinstance(value, bool)
-                      and math.isfinite(value),
-                      "an integer": isinstance(value, int) and not isinstance(value, bool)}[kind]
-                if not ok:
-                    raise UsageError(f"--{name.replace('_', '-')} {value!r}: must be {kind}")
+                if not is_kind[kind](getattr(self, name)):
+                    raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be {kind}")
         if not 0 <= self.lora_dropout < 1:
             raise UsageError(f"--lora-dropout {self.lora_dropout!r}: must be in [0, 1)")
 
