@@ -2,7 +2,7 @@
 they gave (README, "Speed", "Why no exact method gets the G=1 job to 2x"). Run on an idle machine:
 
     python -m benchmarks.g1_probes lookahead    (~6 min) the job with the next steps' possible prompts computed ahead
-    python -m benchmarks.g1_probes patches      (~4 min) the replayed episode with two patches of the model's modules
+    python -m benchmarks.g1_probes patches      (~4 min) the replayed episode with patches of the model's modules
     python -m benchmarks.g1_probes products     (~10 s)  small matrix products in the compute dtype and in fp32
 
 lookahead: the option orders have their own random streams, so they are drawn at the episode's start (the same
@@ -13,8 +13,10 @@ sampling calls and of the PPO step (from their difference the update's backward 
 patches (on the replayed episode of `benchmarks.episode_profile`, alternating, each in a fresh process, medians of 6):
 `lora-node`, each peft LoRA layer as one autograd node (the base product, the scaled LoRA branch in one addmm, a
 hand-written backward; the LoRA weights cast in each call); `gqa`, transformers' eager Llama attention without
-materialising the repeated keys and values (query heads grouped per key/value head). `none` is the model as it is;
-glibc's malloc settings can be tried on it through MALLOC_* variables.
+materialising the repeated keys and values (query heads grouped per key/value head); `merged`, each LoRA layer's
+forward as one product with W + s B A, cast to the compute dtype once per adapter change (exact in fp32, not in bf16:
+the sum is rounded per weight, not per output), its backward as lora-node's; `merged+gqa`, both. `none` is the model
+as it is; glibc's malloc settings can be tried on it through MALLOC_* variables.
 products: one LoRA factor (rank x hidden) and one base product by token count, in the compute dtype and in fp32, and
 the time to read all base weights once at the one-token rate of the base product.
 """
@@ -124,6 +126,42 @@ class _LoraLinear(torch.autograd.Function):
         return dx, None, da, db, None
 
 
+class _MergedLoraLinear(torch.autograd.Function):
+    """y = x M^T with M = W + s B A precomputed; gradients for x (through M), A and B, recomputing h = x A^T."""
+
+    @staticmethod
+    def forward(ctx, x, merged, lora_a, lora_b, scaling):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, merged, lora_a, lora_b)
+        ctx.scaling, ctx.shape = scaling, x.shape
+        return torch.mm(x2, merged.t()).view(*x.shape[:-1], merged.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, merged, lora_a, lora_b = ctx.saved_tensors
+        a, b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
+        s, g2 = ctx.scaling, grad.reshape(-1, grad.shape[-1])
+        dx = torch.mm(g2, merged).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        da = torch.mm((g2 @ b).t(), x2).mul_(s).float() if ctx.needs_input_grad[2] else None
+        db = torch.mm(g2.t(), x2 @ a.t()).mul_(s).float() if ctx.needs_input_grad[3] else None
+        return dx, None, da, db, None
+
+
+def _merged_forward(self, x, *args, **kwargs):
+    if self.disable_adapters or self.merged:
+        return self.base_layer(x)
+    name = self.active_adapters[0]
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    key = (name, a._version, b._version, dtype)  # an optimiser step or in-place init bumps the versions
+    if getattr(self, "_probe_merged_key", None) != key:
+        with torch.no_grad():
+            self._probe_merged = (self.base_layer.weight + self.scaling[name] * (b @ a)).to(dtype)
+        self._probe_merged_key = key
+    with torch.autocast("cpu", enabled=False):
+        return _MergedLoraLinear.apply(x.to(dtype), self._probe_merged, a, b, self.scaling[name])
+
+
 def _lora_node_forward(self, x, *args, **kwargs):
     if self.disable_adapters or self.merged:
         return self.base_layer(x)
@@ -151,17 +189,17 @@ def patched_replay(patch: str, n: int = 6) -> str:
     from benchmarks.bench import wall_times_s
     from benchmarks.episode_profile import recorded_episode
 
-    if patch == "gqa":
+    if "gqa" in patch:
         import transformers.models.llama.modeling_llama as llama
         llama.eager_attention_forward = _grouped_attention
     with tempfile.TemporaryDirectory() as folder:
         run, replay = recorded_episode(folder)
-        if patch == "lora-node":
-            for layer in run.policy._lora_layers:
-                layer.forward = types.MethodType(_lora_node_forward, layer)
+        lora_forward = {"lora-node": _lora_node_forward, "merged": _merged_forward}.get(patch.split("+")[0])
+        for layer in run.policy._lora_layers if lora_forward else ():
+            layer.forward = types.MethodType(lora_forward, layer)
         times = wall_times_s(replay, n)
         run.logs.close()
-    return f"patch {patch:9s}: replayed episode median {statistics.median(times):.3f} s (min {min(times):.3f})"
+    return f"patch {patch:10s}: replayed episode median {statistics.median(times):.3f} s (min {min(times):.3f})"
 
 
 # ------------------------------------------------------------------------------------------------- products
@@ -205,7 +243,7 @@ def main(argv=None) -> None:
     if args.one is not None:
         print(lookahead_run(args.one == "on") if args.probe == "lookahead" else patched_replay(args.one), flush=True)
         return
-    order = ("off", "on") * 2 if args.probe == "lookahead" else ("none", "lora-node", "gqa") * 2
+    order = ("off", "on") * 2 if args.probe == "lookahead" else ("none", "lora-node", "gqa", "merged", "merged+gqa") * 2
     for one in order:  # fresh processes: one patch never leaks into the next run
         subprocess.run([sys.executable, "-m", "benchmarks.g1_probes", args.probe, "--one", one], check=True,
                        env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})

@@ -73,20 +73,21 @@ def test_forward_cost_times_a_tree_pass_with_backward_and_leaves_no_gradient_or_
 
 
 def test_g1_probes_patches_compute_what_the_modules_compute():
-    """The two patches benchmarks.g1_probes times are the same function as the modules they replace (tiny Llama
-    with GQA, fp32, forward and LoRA gradients to 1e-5), so their timings compare like with like."""
+    """The patches benchmarks.g1_probes times are the same function as the modules they replace (tiny Llama with
+    GQA, fp32, forward and LoRA gradients to 1e-5), so their timings compare like with like; the merged one also
+    after the adapters change (its merged weight follows them)."""
     import types
 
     import torch
     import transformers.models.llama.modeling_llama as llama
 
-    from benchmarks.g1_probes import _grouped_attention, _lora_node_forward
+    from benchmarks.g1_probes import _grouped_attention, _lora_node_forward, _merged_forward
     from ppo_core import LoraSettings, PolicyModel
     from ppo_core.testing import tiny_llama
 
     ids = torch.tensor([[3, 9, 4, 17, 5, 8, 21]])
 
-    def run(patch):
+    def run(patch, change=False):
         policy = PolicyModel(tiny_llama(seed=0, initializer_range=0.2), adapters=("agent",),
                              lora=LoraSettings(r=4, alpha=8, dropout=0.0))
         policy.lm.config._attn_implementation = "eager"
@@ -94,12 +95,17 @@ def test_g1_probes_patches_compute_what_the_modules_compute():
         for p in policy.trainable_parameters("agent"):
             torch.nn.init.normal_(p, std=0.1)  # LoRA B starts at 0: make the branch count
         eager = llama.eager_attention_forward
-        if patch == "lora-node":
+        if patch in ("lora-node", "merged"):
             for layer in policy._lora_layers:
-                layer.forward = types.MethodType(_lora_node_forward, layer)
+                layer.forward = types.MethodType(_lora_node_forward if patch == "lora-node" else _merged_forward, layer)
         elif patch == "gqa":
             llama.eager_attention_forward = _grouped_attention
         try:
+            if change:  # one pass first, then new adapter weights: the merged weight must be rebuilt
+                policy.hidden_states(ids)
+                with torch.no_grad():
+                    for p in policy.trainable_parameters("agent"):
+                        p.mul_(1.5)
             hidden, _ = policy.hidden_states(ids)
         finally:
             llama.eager_attention_forward = eager
@@ -107,7 +113,12 @@ def test_g1_probes_patches_compute_what_the_modules_compute():
         return hidden.detach(), [p.grad for p in policy.trainable_parameters("agent")[:-2]]
 
     reference, reference_grads = run("none")
-    for patch in ("lora-node", "gqa"):
+    for patch in ("lora-node", "gqa", "merged"):
         hidden, grads = run(patch)
+        assert torch.allclose(hidden, reference, atol=1e-5, rtol=1e-5), patch
+        assert all(torch.allclose(g, r, atol=1e-5, rtol=1e-5) for g, r in zip(grads, reference_grads)), patch
+    reference, reference_grads = run("none", change=True)
+    for patch in ("merged",):
+        hidden, grads = run(patch, change=True)
         assert torch.allclose(hidden, reference, atol=1e-5, rtol=1e-5), patch
         assert all(torch.allclose(g, r, atol=1e-5, rtol=1e-5) for g, r in zip(grads, reference_grads)), patch
