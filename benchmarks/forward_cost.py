@@ -82,7 +82,7 @@ def main(argv=None) -> None:
           f"calls ({args.passes:g} passes, {args.tokens:g} tokens) {args.passes * fixed + args.tokens * per_token:.2f} s")
     fixed, per_token = line_fit(sizes, backward)
     print(f"backward of one pass alone: {fixed:.3f} s + {per_token * 1e3:.2f} ms per token (the update's one backward "
-          f"through all of an episode's passes costs less per pass and more per token: see the README's speed section)")
+          f"through all of an episode's passes costs less per pass and more per token: see docs/speed.md)")
 
 
 def line_fit(xs, ys) -> tuple[float, float]:

@@ -16,7 +16,7 @@ LoRA r=64 on every linear layer, bf16 autocast on a CPU with native bf16):
 3. torch.compile of each decoder layer (regional compilation, dynamic shapes, recompile limit raised so that all 30
    layers compile) on the replayed main-job episode of `benchmarks.episode_profile`, medians of 5.
 
-None is in ppo_core: this records what they gave (README, "Speed").
+None is in ppo_core: this records what they gave (docs/speed.md).
 """
 
 from __future__ import annotations

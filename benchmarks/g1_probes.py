@@ -1,5 +1,5 @@
 """Ways tried to make the main job's episode (--parallel-games 1) cheaper, none of them in ppo_core; this records what
-they gave (README, "Speed", "Why no exact method gets the G=1 job to 2x"). Run on an idle machine:
+they gave (docs/speed.md, "Why no exact method gets the G=1 job to 2x"). Run on an idle machine:
 
     python -m benchmarks.g1_probes lookahead    (~6 min) the job with the next steps' possible prompts computed ahead
     python -m benchmarks.g1_probes patches      (~4 min) the replayed episode with patches of the model's modules
