@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import sys
 from dataclasses import dataclass, field
@@ -246,15 +247,17 @@ class RunConfig:
                                  action_token_ids=tuple(plan.action_ids))
 
     def speed_note(self) -> str | None:
-        """One line for the console when the resolved settings run far slower than this machine's default: bf16 on
-        a CPU without bf16 instructions, where torch emulates it (measured with `pytest
-        benchmarks/test_cpu_smollm2.py --bench-emulated-bf16`; benchmarks/RESULTS.md)."""
+        """Lines for the console when the resolved settings run far slower than this machine's default: bf16 on a
+        CPU without bf16 instructions, where torch emulates it (measured with `pytest
+        benchmarks/test_cpu_smollm2.py --bench-emulated-bf16`; benchmarks/RESULTS.md), or more torch threads than
+        cores (threads_note)."""
         from ppo_core.model import cpu_has_native_bf16
+        notes = [threads_note(self.threads, self.device)]
         if self.device == "cpu" and self.dtype == "bf16" and not cpu_has_native_bf16():
-            return ("note: --dtype bf16 on a CPU without bf16 instructions runs emulated, far slower than fp32 (a PPO "
-                    "step of the embedded model: about 100 s against 4 s on a 2-core AVX2 machine); without "
-                    "--dtype this CPU uses fp32")
-        return None
+            notes.append("note: --dtype bf16 on a CPU without bf16 instructions runs emulated, far slower than fp32 (a "
+                         "PPO step of the embedded model: about 100 s against 4 s on a 2-core AVX2 machine); without "
+                         "--dtype this CPU uses fp32")
+        return "\n".join(n for n in notes if n) or None
 
     @property
     def phases(self) -> tuple[Phase, ...]:
@@ -303,6 +306,27 @@ def device_unavailable(name: str) -> str | None:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         return f"this machine has CUDA devices cuda:0 to cuda:{torch.cuda.device_count() - 1}"
     return None
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one, as under taskset or Slurm)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def threads_note(threads: int | None, device: str | None) -> str | None:
+    """One line when a CPU run asks for more torch threads than it has cores (a run folder's --threads from a larger
+    machine, resumed on a laptop): the threads wait on each other. Measured on a 2-core Xeon (`python run.py --episodes
+    6 --threads T`, less the load): 2.3 s per episode at T=2, 4.0 at 4, 5.3 at 8, 7.0 at 16."""
+    cores = usable_cpus()
+    kind = parse_device(None).type if device is None else str(device).split(":")[0]
+    if not threads or threads <= cores or kind != "cpu":
+        return None
+    return (f"note: --threads {threads} is more than the {cores} CPU core{'s' * (cores != 1)} this process may use: "
+            f"torch's threads wait on each other (16 on 2 cores: the main job's episodes 3x slower); --threads "
+            f"{cores} changes it, with --resume too")
 
 
 def parse_device(name: str | None):

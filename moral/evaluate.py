@@ -24,7 +24,7 @@ from games import GAMES, PROMPT_VARIANTS, TABLE_ORDERS, TEST_GAMES, FOLLOWUP_QUE
 from ppo_core.generation import sample
 
 from .agent import Codec, decide, load_agent_model
-from .config import RunConfig, UsageError, make_streams
+from .config import RunConfig, UsageError, make_streams, threads_note
 from .rewards import REWARDS, RewardSettings, moral_reward
 from .runio import read_json, write_csv_atomic, write_json_atomic
 
@@ -154,6 +154,9 @@ def evaluate(run_folder: str, cfg: EvalConfig = EvalConfig(), device: str | None
         print(f"{run_folder}: {note}", file=sys.stderr, flush=True)
     if threads:
         torch.set_num_threads(threads)
+        note = threads_note(threads, run_config.device)
+        if note:
+            print(f"{run_folder}: {note}", file=sys.stderr, flush=True)
     t_start = time.perf_counter()
     policy, tokenizer = load_run_policy(run_folder, run_config, cfg.checkpoint)
     positions = getattr(policy.config.get_text_config(), "max_position_embeddings", None)

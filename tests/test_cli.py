@@ -84,6 +84,27 @@ def test_bf16_on_a_cpu_without_bf16_instructions_says_so_once(tmp_path, tiny_cha
     assert "bf16 instructions" not in capsys.readouterr().out
 
 
+def test_more_threads_than_cores_says_so_once(tmp_path, tiny_chat_model_dir, monkeypatch, capsys):
+    """A run folder's --threads from a larger machine, resumed on a laptop, oversubscribes its cores: one note (the
+    run goes on; the user may have reasons), naming the count that fits."""
+    import torch
+
+    import moral.config
+    args = ["--reward", "deont", "--model", tiny_chat_model_dir, "--episodes", "1", "--lora-rank", "4",
+            "--format-aid", "prefix", "--device", "cpu", "--no-progress"]
+    monkeypatch.setattr(moral.config, "usable_cpus", lambda: 1)
+    threads = torch.get_num_threads()
+    try:
+        cli.main([*args, "--threads", "2", "--out", str(tmp_path / "two")])
+        out = capsys.readouterr().out
+        assert out.count("note: --threads 2 is more than the 1 CPU core this process may use") == 1, out
+        assert "; --threads 1 changes it, with --resume too" in out
+        cli.main([*args, "--threads", "1", "--out", str(tmp_path / "one")])
+        assert "note:" not in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+    assert moral.config.threads_note(2, "cuda") is None and moral.config.threads_note(None, "cpu") is None
+
 
 def test_a_batch_of_one_sample_is_one_line_before_the_model_loads(tmp_path, capsys):
     """One step of one game cannot scale its score by a running std or whiten its advantages: exit 2 in one line

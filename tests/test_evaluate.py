@@ -188,6 +188,16 @@ def test_a_run_trained_on_a_gpu_is_evaluated_on_a_machine_without_one(trained_ru
     with pytest.raises(SystemExit) as info:  # a device asked for by name must exist
         cli.main(quick_eval(run) + ["--device", "cuda"])
     assert info.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+def test_eval_with_more_threads_than_cores_says_so(trained_run, monkeypatch, capsys):
+    import moral.config
+    monkeypatch.setattr(moral.config, "usable_cpus", lambda: 1)
+    threads = torch.get_num_threads()
+    try:
+        cli.main(quick_eval(trained_run) + ["--threads", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert "note: --threads 2 is more than the 1 CPU core this process may use" in capsys.readouterr().err
+
 
 def test_eval_bad_input(tmp_path, capsys):
     for argv, message in ((["eval", str(tmp_path)], "not a run folder"),
