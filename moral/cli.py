@@ -329,6 +329,14 @@ def evaluate(argv: list[str], prog: str = PROG) -> None:
     require_run_folders([r for r in args.runs if r not in sweeps])
     for folder in args.runs:  # each run's eval/ goes inside it (a sweep's: inside each of its runs)
         require_writable(folder if folder not in sweeps else os.path.join(folder, "runs"), option=None)
+    runs = [r for r in args.runs if r not in sweeps]
+    unused = ([_option(k) for k in ENGINE_OPTIONS if getattr(args, k) is not None] if not sweeps else []) + \
+        ([_option(k) for k in ("device", "threads") if getattr(args, k) is not None] if not runs else [])
+    if unused:  # said, not silently ignored; the evaluation itself is what was asked for
+        which = "sweep folders (a run folder is evaluated in this process)" if not sweeps else \
+            "run folders (a sweep's runs take --cpus-per-run and --gpus-per-run)"
+        print(f"note: {' '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} only to {which}: ignored here",
+              file=sys.stderr, flush=True)
     quiet_libraries()
     failed = False
     for folder in sweeps:
@@ -336,7 +344,6 @@ def evaluate(argv: list[str], prog: str = PROG) -> None:
         if code == 130:  # stopped: eval_sweep said what was done
             sys.exit(130)
         failed |= code != 0
-    runs = [r for r in args.runs if r not in sweeps]
     for done, run in enumerate(runs):
         try:
             metrics = run_eval(run, cfg, device=args.device, threads=args.threads, progress=not args.no_progress)
@@ -411,17 +418,25 @@ def report(argv: list[str], prog: str = PROG) -> None:
 def add_engine_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--address", help="join this Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS "
                    "if set, else a local Ray instance sized to this machine)")
-    p.add_argument("--cpus-per-run", type=positive_float, default=1.0,
+    p.add_argument("--cpus-per-run", type=positive_float,
                    help=f"CPUs of each {what} task; also its torch threads (default 1)")
     p.add_argument("--gpus-per-run", type=nonnegative_float,
                    help="GPUs of each task; fractions share a GPU, e.g. 0.25 packs four runs on one "
                         "(default: 1 when the cluster has GPUs, else 0)")
-    p.add_argument("--retries", type=nonnegative_int, default=2,
+    p.add_argument("--retries", type=nonnegative_int,
                    help="retries of a task whose worker process died (default 2); the retry resumes the run")
 
 
+ENGINE_OPTIONS = ("address", "cpus_per_run", "gpus_per_run", "retries")  # None: not given
+
+
+def _option(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def _engine_settings(args) -> dict:
-    return {"address": args.address, "cpus": args.cpus_per_run, "gpus": args.gpus_per_run, "retries": args.retries}
+    return {"address": args.address, "cpus": 1.0 if args.cpus_per_run is None else args.cpus_per_run,
+            "gpus": args.gpus_per_run, "retries": 2 if args.retries is None else args.retries}
 
 
 def _with_usage_errors(fn, *args, **kwargs):
@@ -473,7 +488,7 @@ def sweep(argv: list[str], prog: str = PROG) -> None:
     specs = _with_usage_errors(plan, args.grid, out)
     if args.dry_run:
         for spec in specs:
-            print(command_line(spec, out, args.cpus_per_run))
+            print(command_line(spec, out, _engine_settings(args)["cpus"]))
         return
     require_writable(out)
     try:

@@ -198,6 +198,17 @@ def test_eval_with_more_threads_than_cores_says_so(trained_run, monkeypatch, cap
         torch.set_num_threads(threads)
     assert "note: --threads 2 is more than the 1 CPU core this process may use" in capsys.readouterr().err
 
+def test_eval_says_which_options_a_run_folder_does_not_use(trained_run, capsys):
+    """The engine's options are the sweep folders' (a run folder is evaluated in this process): said, not silently
+    ignored; the evaluation still runs."""
+    cli.main(quick_eval(trained_run) + ["--cpus-per-run", "2", "--retries", "0"])
+    err = capsys.readouterr().err
+    assert "note: --cpus-per-run --retries apply only to sweep folders (a run folder is evaluated in this process)" \
+        in err
+    assert (trained_run / "eval" / "metrics.json").is_file()
+    cli.main(quick_eval(trained_run))
+    assert "note:" not in capsys.readouterr().err
+
 
 def test_eval_bad_input(tmp_path, capsys):
     for argv, message in ((["eval", str(tmp_path)], "not a run folder"),

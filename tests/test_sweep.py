@@ -288,9 +288,10 @@ def test_eval_and_report_take_the_sweep_folder(finished_sweep, tmp_path):
     assert proc.returncode == 0, stderr
     assert "4 to evaluate" in stdout
     assert all((whole / "runs" / n / "eval" / "metrics.json").is_file() for n in NAMES)
-    proc = spawn(eval_args)
+    proc = spawn(eval_args + ["--threads", "1"])  # a run folder's option, said to be unused here
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0 and "4 already evaluated, 0 to evaluate" in stdout
+    assert "note: --threads applies only to run folders (a sweep's runs take --cpus-per-run" in stderr
     out = tmp_path / "report"
     proc = spawn(["report", str(whole), "--out", str(out)])
     stdout, stderr = proc.communicate(timeout=600)
