@@ -49,6 +49,11 @@ def _nonempty(text: str, says: str) -> str:
     return text
 
 
+def _option(dest: str) -> str:
+    """An argparse destination as the command line spells it: cpus_per_run -> --cpus-per-run."""
+    return "--" + dest.replace("_", "-")
+
+
 def path_arg(text: str) -> str:
     return _nonempty(text, "is not a path")
 
@@ -204,7 +209,7 @@ def _resumed_config(args):
         config = RunConfig.from_dict(read_json(path))
     except (OSError, ValueError, TypeError) as exc:
         usage_error(f"--resume {args.resume}: cannot read {path} ({type(exc).__name__})")
-    fixed = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+    fixed = [_option(k) for k, v in vars(args).items()
              if v is not None and k not in ("resume", "threads", "report_to", "no_progress")]
     if fixed:
         usage_error(f"--resume {args.resume} continues the run with the settings in its config.json: "
@@ -330,11 +335,13 @@ def evaluate(argv: list[str], prog: str = PROG) -> None:
     for folder in args.runs:  # each run's eval/ goes inside it (a sweep's: inside each of its runs)
         require_writable(folder if folder not in sweeps else os.path.join(folder, "runs"), option=None)
     runs = [r for r in args.runs if r not in sweeps]
-    unused = ([_option(k) for k in ENGINE_OPTIONS if getattr(args, k) is not None] if not sweeps else []) + \
-        ([_option(k) for k in ("device", "threads") if getattr(args, k) is not None] if not runs else [])
-    if unused:  # said, not silently ignored; the evaluation itself is what was asked for
-        which = "sweep folders (a run folder is evaluated in this process)" if not sweeps else \
-            "run folders (a sweep's runs take --cpus-per-run and --gpus-per-run)"
+    if not sweeps:  # options that none of the folders uses are said, not silently ignored; the eval still runs
+        names, which = ENGINE_OPTIONS, "sweep folders (a run folder is evaluated in this process)"
+    else:
+        names = ("device", "threads") if not runs else ()
+        which = "run folders (a sweep's runs take --cpus-per-run and --gpus-per-run)"
+    unused = [_option(k) for k in names if getattr(args, k) is not None]
+    if unused:
         print(f"note: {' '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} only to {which}: ignored here",
               file=sys.stderr, flush=True)
     quiet_libraries()
@@ -415,28 +422,28 @@ def report(argv: list[str], prog: str = PROG) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- sweep
+ENGINE_OPTIONS = ("address", "cpus_per_run", "gpus_per_run", "retries")
+ENGINE_DEFAULTS = {"cpus_per_run": 1.0, "retries": 2}  # filled in by _engine_settings, so that "not given" shows
+
+
 def add_engine_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--address", help="join this Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS "
                    "if set, else a local Ray instance sized to this machine)")
     p.add_argument("--cpus-per-run", type=positive_float,
-                   help=f"CPUs of each {what} task; also its torch threads (default 1)")
+                   help=f"CPUs of each {what} task; also its torch threads (default {ENGINE_DEFAULTS['cpus_per_run']:g})")
     p.add_argument("--gpus-per-run", type=nonnegative_float,
                    help="GPUs of each task; fractions share a GPU, e.g. 0.25 packs four runs on one "
                         "(default: 1 when the cluster has GPUs, else 0)")
     p.add_argument("--retries", type=nonnegative_int,
-                   help="retries of a task whose worker process died (default 2); the retry resumes the run")
-
-
-ENGINE_OPTIONS = ("address", "cpus_per_run", "gpus_per_run", "retries")  # None: not given
-
-
-def _option(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
+                   help=f"retries of a task whose worker process died (default {ENGINE_DEFAULTS['retries']}); the retry "
+                        "resumes the run")
 
 
 def _engine_settings(args) -> dict:
-    return {"address": args.address, "cpus": 1.0 if args.cpus_per_run is None else args.cpus_per_run,
-            "gpus": args.gpus_per_run, "retries": 2 if args.retries is None else args.retries}
+    """The engine's settings from the command line (its options are None when not given)."""
+    return {"address": args.address, "gpus": args.gpus_per_run,
+            "cpus": ENGINE_DEFAULTS["cpus_per_run"] if args.cpus_per_run is None else args.cpus_per_run,
+            "retries": ENGINE_DEFAULTS["retries"] if args.retries is None else args.retries}
 
 
 def _with_usage_errors(fn, *args, **kwargs):
