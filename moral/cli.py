@@ -49,11 +49,6 @@ def _nonempty(text: str, says: str) -> str:
     return text
 
 
-def _option(dest: str) -> str:
-    """An argparse destination as the command line spells it: cpus_per_run -> --cpus-per-run."""
-    return "--" + dest.replace("_", "-")
-
-
 def path_arg(text: str) -> str:
     return _nonempty(text, "is not a path")
 
@@ -200,7 +195,7 @@ def train_parser(prog: str = PROG, parser_class=OneLineParser) -> argparse.Argum
 
 def _resumed_config(args):
     """The settings of the run folder being resumed (only --threads and --report-to may change)."""
-    from .config import RunConfig
+    from .config import RunConfig, option_name
     from .runio import read_json
     from .trackers import TrackerUnavailable, check_installed
 
@@ -209,7 +204,7 @@ def _resumed_config(args):
         config = RunConfig.from_dict(read_json(path))
     except (OSError, ValueError, TypeError) as exc:
         usage_error(f"--resume {args.resume}: cannot read {path} ({type(exc).__name__})")
-    fixed = [_option(k) for k, v in vars(args).items()
+    fixed = [option_name(k) for k, v in vars(args).items()
              if v is not None and k not in ("resume", "threads", "report_to", "no_progress")]
     if fixed:
         usage_error(f"--resume {args.resume} continues the run with the settings in its config.json: "
@@ -316,7 +311,7 @@ def eval_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
 def evaluate(argv: list[str], prog: str = PROG) -> None:
     from .agent import ModelUnavailable
-    from .config import parse_device
+    from .config import option_name, parse_device
     from .evaluate import EvalConfig, evaluate as run_eval
 
     args = eval_parser(prog).parse_args(argv)
@@ -331,16 +326,16 @@ def evaluate(argv: list[str], prog: str = PROG) -> None:
         usage_error(str(exc))
     from .sweep import eval_sweep, is_sweep_folder
     sweeps = [r for r in args.runs if is_sweep_folder(r)]
-    require_run_folders([r for r in args.runs if r not in sweeps])
+    runs = [r for r in args.runs if r not in sweeps]
+    require_run_folders(runs)
     for folder in args.runs:  # each run's eval/ goes inside it (a sweep's: inside each of its runs)
         require_writable(folder if folder not in sweeps else os.path.join(folder, "runs"), option=None)
-    runs = [r for r in args.runs if r not in sweeps]
     if not sweeps:  # options that none of the folders uses are said, not silently ignored; the eval still runs
         names, which = ENGINE_OPTIONS, "sweep folders (a run folder is evaluated in this process)"
     else:
         names = ("device", "threads") if not runs else ()
         which = "run folders (a sweep's runs take --cpus-per-run and --gpus-per-run)"
-    unused = [_option(k) for k in names if getattr(args, k) is not None]
+    unused = [option_name(k) for k in names if getattr(args, k) is not None]
     if unused:
         print(f"note: {' '.join(unused)} appl{'ies' if len(unused) == 1 else 'y'} only to {which}: ignored here",
               file=sys.stderr, flush=True)

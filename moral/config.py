@@ -163,7 +163,7 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or not 1 <= value < 2 ** 63):
-                raise UsageError(f"--{name.replace('_', '-')} {value!r}: must be a positive integer below 2^63")
+                raise UsageError(f"{option_name(name)} {value!r}: must be a positive integer below 2^63")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < SEED_LIMIT:
             raise UsageError(f"--seed {self.seed!r}: {SEED_RULE}")
         schedule = "," in self.reward or ":" in self.reward
@@ -220,21 +220,22 @@ class RunConfig:
     def _check_types(self) -> None:
         """Settings of the wrong kind (from the Python API; the command line and grid files parse theirs) are a
         UsageError naming them, not a TypeError deep inside."""
-        kinds = {"text": ("reward", "model", "opponent", "tokens", "report_to"),
-                 "text or None": ("quantize", "format_aid", "device", "dtype"),
-                 "True or False": ("lenient", "score_norm", "reset_at_switch"),
-                 "a finite number": ("lr", "lora_dropout", "illegal", "xi", "init_kl_coef", "temperature"),
-                 "an integer": ("parallel_games", "ppo_epochs", "lora_rank", "lora_alpha", "save_every",
-                                "keep_checkpoints", "seed")}
-        is_kind = {"text": lambda v: isinstance(v, str), "text or None": lambda v: v is None or isinstance(v, str),
-                   "True or False": lambda v: isinstance(v, bool),
-                   "a finite number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and math.isfinite(v),
-                   "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool)}
-        for kind, names in kinds.items():
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        kinds = (("text", lambda v: isinstance(v, str), ("reward", "model", "opponent", "tokens", "report_to")),
+                 ("text or None", lambda v: v is None or isinstance(v, str),
+                  ("quantize", "format_aid", "device", "dtype")),
+                 ("True or False", lambda v: isinstance(v, bool), ("lenient", "score_norm", "reset_at_switch")),
+                 ("a finite number", lambda v: number(v) and math.isfinite(v),
+                  ("lr", "lora_dropout", "illegal", "xi", "init_kl_coef", "temperature")),
+                 ("an integer", lambda v: number(v) and isinstance(v, int),
+                  ("parallel_games", "ppo_epochs", "lora_rank", "lora_alpha", "save_every", "keep_checkpoints",
+                   "seed")))
+        for kind, is_kind, names in kinds:
             for name in names:
-                if not is_kind[kind](getattr(self, name)):
-                    raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be {kind}")
+                if not is_kind(getattr(self, name)):
+                    raise UsageError(f"{option_name(name)} {getattr(self, name)!r}: must be {kind}")
         if not 0 <= self.lora_dropout < 1:
             raise UsageError(f"--lora-dropout {self.lora_dropout!r}: must be in [0, 1)")
 
@@ -306,6 +307,11 @@ def device_unavailable(name: str) -> str | None:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         return f"this machine has CUDA devices cuda:0 to cuda:{torch.cuda.device_count() - 1}"
     return None
+
+
+def option_name(setting: str) -> str:
+    """A setting as the command line spells it: cpus_per_run -> --cpus-per-run."""
+    return "--" + setting.replace("_", "-")
 
 
 def usable_cpus() -> int:

@@ -24,7 +24,7 @@ from games import GAMES, PROMPT_VARIANTS, TABLE_ORDERS, TEST_GAMES, FOLLOWUP_QUE
 from ppo_core.generation import sample
 
 from .agent import Codec, decide, load_agent_model
-from .config import RunConfig, UsageError, make_streams, threads_note
+from .config import RunConfig, UsageError, make_streams, option_name, threads_note
 from .rewards import REWARDS, RewardSettings, moral_reward
 from .runio import read_json, write_csv_atomic, write_json_atomic
 
@@ -54,7 +54,7 @@ class EvalConfig:
     def validate(self) -> None:
         for name in ("episodes", "steps", "followup_tokens", "token_budget"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be a positive integer")
+                raise ValueError(f"{option_name(name)} {getattr(self, name)}: must be a positive integer")
         if isinstance(self.tokens, str):
             self.tokens = (self.tokens,)
         for name in self.tokens:
